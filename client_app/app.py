@@ -1,0 +1,111 @@
+"""DDOME ClientApp: role and routing queries, joint training, zero-shot evaluation."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.task import (
+    build_expert,
+    build_local_gate,
+    embed,
+    evaluate_zero_shot,
+    load_local_data,
+    mean_gate_scores,
+    predict,
+    train_local,
+)
+from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, load_part, pack_part
+from ddome_strategy.strategy import ANCHOR, ARRAYS, COMMON_EXPERT, CONFIG, METRICS, TASK
+
+app = ClientApp()
+
+# Key of the per-node cache of embeddings in ``context.state``.
+EMBEDDINGS = "ddome-embeddings"
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _local(message: Message, context: Context):
+    """The message's config, this node's data, and its cached embeddings.
+
+    Embeddings are computed once, when the common expert arrives with the node's
+    first message, and kept in ``context.state`` for the rest of the run.
+    """
+    cfg = message.content[CONFIG]
+    data_root = str(context.node_config.get("data-root", cfg["data-root"]))
+    data = load_local_data(cfg, _partition_id(context), data_root)
+    if COMMON_EXPERT in message.content:
+        common = build_expert(cfg, data)
+        load_part(common, message.content[COMMON_EXPERT], "")
+        context.state[EMBEDDINGS] = ArrayRecord(
+            {
+                "train": embed(common, data.train_x),
+                "eval": embed(common, data.eval_x),
+                "common-expert-pred": predict(common, data.eval_x).argmax(1),
+            }
+        )
+    if EMBEDDINGS not in context.state:
+        raise RuntimeError(
+            "No common-expert embeddings on this node and no common expert in the "
+            "message: the server must resend the common expert."
+        )
+    cached = {k: torch.from_numpy(v.numpy()) for k, v in context.state[EMBEDDINGS].items()}
+    return cfg, data, cached
+
+
+def _models(cfg, data, arrays: ArrayRecord, embedding_dim: int):
+    gate = build_local_gate(cfg, embedding_dim)
+    load_part(gate, arrays, GATE_PREFIX)
+    experts = {}
+    for e in cfg.get("experts", []):
+        experts[int(e)] = build_expert(cfg, data)
+        load_part(experts[int(e)], arrays, expert_prefix(int(e)))
+    return gate, experts
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Answer the server's role query (``partition-id``) or routing query (scores)."""
+    if message.content[CONFIG][TASK] == "role":
+        reply = RecordDict({CONFIG: ConfigRecord({"partition-id": _partition_id(context)})})
+        return Message(reply, reply_to=message)
+    cfg, data, cached = _local(message, context)
+    gate, _ = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
+    # Training clients route on their training data, test clients on their unlabeled data.
+    embeddings = cached["train"] if len(cached["train"]) else cached["eval"]
+    scores = mean_gate_scores(gate, embeddings).tolist()
+    return Message(RecordDict({METRICS: MetricRecord({"gate-scores": scores})}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the gate and the received experts on the local data."""
+    cfg, data, cached = _local(message, context)
+    gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
+    anchor = int(cfg["experts"][0]) if cfg["role"] == ANCHOR else None
+    metrics = {"num-examples": len(data.train_y)}
+    if anchor is not None:
+        predicted = torch.softmax(predict(gate, cached["train"]), 1).argmax(1)
+        metrics["routing-acc"] = float((predicted == anchor).float().mean())
+    seed = int(cfg["seed"]) * 100_003 + int(cfg["server-round"]) * 1009 + _partition_id(context)
+    metrics["train-loss"] = train_local(
+        cfg, gate, experts, data.train_x, cached["train"], data.train_y, anchor, seed
+    )
+    arrays = pack_part(gate, GATE_PREFIX)
+    for e, expert in experts.items():
+        arrays.update(pack_part(expert, expert_prefix(e)))
+    reply = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+    return Message(reply, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Zero-shot evaluation with the gate and the K experts the server sent."""
+    cfg, data, cached = _local(message, context)
+    gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
+    metrics = evaluate_zero_shot(gate, experts, data, cached["eval"], cached["common-expert-pred"])
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)

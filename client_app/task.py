@@ -1,0 +1,166 @@
+"""What a DDOME client does locally: embed once, score, train, evaluate zero-shot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from data import load_dataset, make_partition
+from data.settings import partition_settings
+from ddome_strategy.moe import anchor_loss, mixture_loss, routing_error, zero_shot_predictions
+from ddome_strategy.models import Classifier, build_gate, build_model, pick_device
+
+
+@dataclass
+class LocalData:
+    """One client's data: raw inputs for the experts, embeddings for the gate."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+    label_to_expert: dict[int, int]
+
+
+@lru_cache(maxsize=4)
+def _plan(dataset_name: str, data_root: str, settings: tuple):
+    dataset = load_dataset(dataset_name, data_root)
+    plan = make_partition(
+        dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **dict(settings)
+    )
+    return dataset, plan
+
+
+def load_local_data(cfg, partition_id: int, data_root: str) -> LocalData:
+    """Load the partition ``partition_id`` (cached per process)."""
+    dataset, plan = _plan(str(cfg["dataset"]), data_root, tuple(sorted(partition_settings(cfg).items())))
+    train_idx = (
+        torch.as_tensor(plan.train_indices[partition_id], dtype=torch.long)
+        if partition_id < plan.num_train_clients
+        else torch.zeros(0, dtype=torch.long)
+    )
+    eval_idx = torch.as_tensor(plan.eval_indices[partition_id], dtype=torch.long)
+    label_to_expert = {
+        label: expert for expert in range(plan.num_experts) for label in plan.client_labels[expert]
+    }
+    return LocalData(
+        dataset.train_x[train_idx],
+        dataset.train_y[train_idx],
+        dataset.test_x[eval_idx],
+        dataset.test_y[eval_idx],
+        dataset.input_shape,
+        dataset.num_classes,
+        label_to_expert,
+    )
+
+
+def build_expert(cfg, data: LocalData) -> Classifier:
+    """An expert (or the common expert) of the configured architecture."""
+    return build_model(str(cfg["arch"]), data.input_shape, data.num_classes, int(cfg["mlp-hidden"]))
+
+
+def build_local_gate(cfg, embedding_dim: int) -> nn.Module:
+    """The gate of the configured width."""
+    return build_gate(embedding_dim, int(cfg["num-experts"]), int(cfg["gate-hidden"]))
+
+
+@torch.no_grad()
+def embed(common_expert: Classifier, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Common-expert embeddings of ``x``, computed once per client."""
+    device = pick_device()
+    common_expert.to(device).eval()
+    if len(x) == 0:
+        return torch.zeros(0, common_expert.feature_dim)
+    return torch.cat([common_expert.embed(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on ``x``, in batches."""
+    device = pick_device()
+    model.to(device).eval()
+    return torch.cat([model(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def mean_gate_scores(gate: nn.Module, embeddings: torch.Tensor) -> np.ndarray:
+    """The routing reply: gate probabilities averaged over the local data."""
+    return torch.softmax(predict(gate, embeddings), dim=1).mean(0).double().numpy()
+
+
+def _batches(n: int, batch_size: int, seed: int):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_local(
+    cfg,
+    gate: nn.Module,
+    experts: dict[int, nn.Module],
+    x: torch.Tensor,
+    embeddings: torch.Tensor,
+    y: torch.Tensor,
+    anchor_expert: int | None,
+    seed: int,
+) -> float:
+    """Train the gate and the received experts jointly; return the mean loss.
+
+    A normal client minimises the mixture cross-entropy over its K experts; an anchor
+    (``anchor_expert`` set) its expert's cross-entropy plus the one-hot gate loss.
+    """
+    device = pick_device()
+    gate.to(device).train()
+    for expert in experts.values():
+        expert.to(device).train()
+    momentum = float(cfg["momentum"])
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [p for e in experts.values() for p in e.parameters()], "lr": float(cfg["lr"])},
+            {"params": gate.parameters(), "lr": float(cfg["gate-lr"])},
+        ],
+        momentum=momentum,
+    )
+    selected = list(experts)
+    losses = []
+    for epoch in range(int(cfg["local-epochs"])):
+        for idx in _batches(len(x), int(cfg["batch-size"]), seed + epoch):
+            xb, eb, yb = x[idx].to(device), embeddings[idx].to(device), y[idx].to(device)
+            gate_logits = gate(eb)
+            if anchor_expert is not None:
+                loss = anchor_loss(experts[anchor_expert](xb), gate_logits, yb, anchor_expert)
+            else:
+                expert_logits = torch.stack([experts[e](xb) for e in selected], dim=1)
+                loss = mixture_loss(gate_logits[:, selected], expert_logits, yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def evaluate_zero_shot(
+    gate: nn.Module,
+    experts: dict[int, nn.Module],
+    data: LocalData,
+    embeddings: torch.Tensor,
+    common_expert_pred: torch.Tensor,
+) -> dict[str, float]:
+    """Zero-shot metrics of the K received experts on the local evaluation data."""
+    selected = list(experts)
+    gate_probs = torch.softmax(predict(gate, embeddings), dim=1)
+    expert_logits = torch.stack([predict(experts[e], data.eval_x) for e in selected], dim=1)
+    top1, mixture = zero_shot_predictions(gate_probs, expert_logits, selected)
+    y = data.eval_y
+    return {
+        "zero-shot-acc": float((top1 == y).float().mean()),
+        "mixture-acc": float((mixture == y).float().mean()),
+        "common-expert-acc": float((common_expert_pred == y).float().mean()),
+        "routing-error": routing_error(gate_probs, y, data.label_to_expert),
+        "num-examples": len(y),
+    }

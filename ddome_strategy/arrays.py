@@ -1,0 +1,62 @@
+"""How the gate and the experts live in one Flower ``ArrayRecord``.
+
+Keys are ``gate.<param>`` and ``expert.<i>.<param>``, so the server can slice out the
+gate and any subset of experts for a client, and merge per-expert results back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+GATE_PREFIX = "gate."
+
+
+def expert_prefix(index: int) -> str:
+    """Key prefix of expert ``index``."""
+    return f"expert.{index}."
+
+
+def pack_moe(gate: nn.Module, experts: Iterable[nn.Module]) -> ArrayRecord:
+    """Put the gate and all experts into one ``ArrayRecord``."""
+    state = {GATE_PREFIX + k: v for k, v in gate.state_dict().items()}
+    for i, expert in enumerate(experts):
+        state.update({expert_prefix(i) + k: v for k, v in expert.state_dict().items()})
+    return ArrayRecord(state)
+
+
+def select(record: ArrayRecord, prefixes: Iterable[str]) -> ArrayRecord:
+    """The part of ``record`` whose keys start with one of ``prefixes``."""
+    prefixes = tuple(prefixes)
+    return ArrayRecord(
+        {k: v for k, v in record.items() if k.startswith(prefixes)}, keep_input=True
+    )
+
+
+def moe_prefixes(experts: Iterable[int]) -> list[str]:
+    """Prefixes of the gate and the given experts: what a client is sent."""
+    return [GATE_PREFIX, *(expert_prefix(i) for i in experts)]
+
+
+def experts_in(record: ArrayRecord) -> list[int]:
+    """Indices of the experts present in ``record``, sorted."""
+    found = {int(k.split(".")[1]) for k in record if k.startswith("expert.")}
+    return sorted(found)
+
+
+def load_part(module: nn.Module, record: ArrayRecord, prefix: str) -> None:
+    """Load the ``prefix`` part of ``record`` into ``module`` (strict)."""
+    state = {
+        k[len(prefix) :]: torch.from_numpy(v.numpy())
+        for k, v in record.items()
+        if k.startswith(prefix)
+    }
+    module.load_state_dict(state, strict=True)
+
+
+def pack_part(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``module``'s state under ``prefix``, ready to go into an ``ArrayRecord``."""
+    return {prefix + k: v.detach().cpu() for k, v in module.state_dict().items()}

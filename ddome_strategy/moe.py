@@ -1,0 +1,102 @@
+"""The mixture-of-experts maths of DDOME: losses, top-K routing, zero-shot prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def mixture_log_probs(
+    gate_logits: torch.Tensor, expert_logits: torch.Tensor
+) -> torch.Tensor:
+    """Log-probabilities of the gated mixture of the selected experts.
+
+    The gate's probabilities are renormalised over the K selected experts (a softmax
+    over their logits) and mix the experts' class probabilities (the spec's choice).
+
+    Parameters
+    ----------
+    gate_logits : torch.Tensor
+        ``[batch, K]`` gate logits of the selected experts.
+    expert_logits : torch.Tensor
+        ``[batch, K, classes]`` logits of the selected experts.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[batch, classes]`` log of ``sum_k p_k * softmax(expert_k)``.
+    """
+    log_weights = F.log_softmax(gate_logits, dim=1).unsqueeze(2)
+    return torch.logsumexp(log_weights + F.log_softmax(expert_logits, dim=2), dim=1)
+
+
+def mixture_loss(
+    gate_logits: torch.Tensor, expert_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the gated mixture: the normal clients' joint loss."""
+    return F.nll_loss(mixture_log_probs(gate_logits, expert_logits), labels)
+
+
+def anchor_loss(
+    expert_logits: torch.Tensor,
+    gate_logits: torch.Tensor,
+    labels: torch.Tensor,
+    expert_index: int,
+) -> torch.Tensor:
+    """Anchor loss: the expert's cross-entropy plus the one-hot gate loss.
+
+    The gate term pulls every sample of anchor ``i`` towards expert ``i``, which is
+    what makes experts specialise on the anchors' label groups.
+    """
+    target = torch.full_like(labels, expert_index)
+    return F.cross_entropy(expert_logits, labels) + F.cross_entropy(gate_logits, target)
+
+
+def top_k_experts(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the ``k`` highest scores, best first (ties broken by index)."""
+    if not 0 < k <= len(scores):
+        raise ValueError(f"top-k must be in [1, {len(scores)}], got {k}.")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return [int(i) for i in order[:k]]
+
+
+def zero_shot_predictions(
+    gate_probs: torch.Tensor, expert_logits: torch.Tensor, selected: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-shot predictions from the K selected experts.
+
+    Parameters
+    ----------
+    gate_probs : torch.Tensor
+        ``[batch, M]`` gate probabilities over all experts.
+    expert_logits : torch.Tensor
+        ``[batch, K, classes]`` logits of the selected experts, in ``selected`` order.
+    selected : list[int]
+        The expert indices the server sent.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        Top-1-of-K predictions (per sample, the selected expert with the highest gate
+        score decides) and weighted-mixture predictions.
+    """
+    selected_logits = torch.log(gate_probs[:, selected].clamp_min(1e-12))
+    best = selected_logits.argmax(dim=1)
+    top1 = expert_logits[torch.arange(len(best)), best].argmax(dim=1)
+    mixture = mixture_log_probs(selected_logits, expert_logits).argmax(dim=1)
+    return top1, mixture
+
+
+def routing_error(
+    gate_probs: torch.Tensor, labels: torch.Tensor, label_to_expert: dict[int, int]
+) -> float:
+    """Share of samples whose top-1 gate expert is not the anchor expert of their label.
+
+    Samples whose label belongs to no anchor group are ignored; ``nan`` if none is left.
+    """
+    known = [i for i, y in enumerate(labels.tolist()) if y in label_to_expert]
+    if not known:
+        return float("nan")
+    expected = torch.tensor([label_to_expert[int(labels[i])] for i in known])
+    return float((gate_probs[known].argmax(dim=1) != expected).float().mean())

@@ -1,0 +1,460 @@
+"""The DDOME strategy: server-side gating, top-K expert dispatch and per-expert FedAvg."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from .aggregation import aggregate_moe, check_update
+from .arrays import expert_prefix, moe_prefixes, select
+from .moe import top_k_experts
+
+# Names of the records and config entries exchanged with the ClientApp.
+ARRAYS = "arrays"
+COMMON_EXPERT = "common-expert"
+CONFIG = "config"
+METRICS = "metrics"
+TASK = "ddome-task"
+
+ANCHOR, NORMAL, TEST = "anchor", "normal", "test"
+
+RoleOf = Callable[[int], tuple[str, int]]
+"""Maps a client's partition id to its role and, for anchors, its expert."""
+
+
+def layout_roles(num_experts: int, num_train_clients: int) -> RoleOf:
+    """The project's partition layout: ids ``0..M-1`` are anchors (anchor i tied to
+    expert i), ``M..S-1`` normal training clients, and ``S..`` unseen test clients."""
+
+    def role_of(partition_id: int) -> tuple[str, int]:
+        if partition_id < num_experts:
+            return ANCHOR, partition_id
+        if partition_id < num_train_clients:
+            return NORMAL, -1
+        return TEST, -1
+
+    return role_of
+
+
+@dataclass
+class _Client:
+    node_id: int
+    partition_id: int
+    role: str
+    expert: int
+
+
+@dataclass
+class _RoundTraffic:
+    """Bytes of arrays (model weights, gate scores) sent and received in a round."""
+
+    down: int = 0
+    up: int = 0
+    picks: list[int] = field(default_factory=list)
+
+
+def _array_bytes(content: RecordDict) -> int:
+    return sum(r.count_bytes() for r in content.array_records.values())
+
+
+def _mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float:
+    values = list(values)
+    if not values:
+        return float("nan")
+    return float(np.average(values, weights=None if weights is None else list(weights)))
+
+
+class DDOME(Strategy):
+    """Dynamically Decentralized Orchestration of Mixture-of-Experts.
+
+    Each round samples anchor and normal clients, asks the normal clients for their
+    mean gate scores (routing), sends each client the gate plus only its top-K experts
+    (an anchor gets its own expert), and averages every expert over the clients that
+    trained it. Evaluation routes unseen test clients the same way, zero-shot.
+
+    Parameters
+    ----------
+    num_experts : int
+        Number of experts M. The global ``ArrayRecord`` holds ``gate.*`` and
+        ``expert.<i>.*`` arrays for ``i < M`` (see :mod:`ddome_strategy.arrays`).
+    role_of : RoleOf
+        Maps a client's ``partition-id`` to ``(role, expert)``; see
+        :func:`layout_roles`. Roles are learned from the clients with a query, so node
+        ids may be arbitrary (as in a real deployment).
+    top_k : int (default: 2)
+        Experts sent to each normal or evaluated client.
+    anchors_per_round : int (default: 5)
+        Anchor clients sampled per round (without replacement).
+    normal_per_round : int (default: 5)
+        Normal clients sampled per round.
+    common_expert : ArrayRecord, optional
+        Frozen common-expert weights, sent once to each client with its first message
+        so that it can compute its embeddings. ``None`` if clients already have it.
+    client_config : Mapping, optional
+        Entries added to every message's ``config`` record (data and training
+        settings the ClientApp needs).
+    eval_every : int (default: 5)
+        Evaluate every this many rounds, and always at the last round.
+    eval_train_clients : bool (default: True)
+        Also evaluate training clients (zero-shot routing on their held-out data).
+    min_train_replies : int (default: 1)
+        Fewer valid training replies than this skips the round's aggregation.
+    min_nodes : int (default: 1)
+        Wait until this many nodes are connected before the first round.
+    timeout : float (default: 600)
+        Seconds to wait for the replies of one phase (routing, training, evaluation).
+    seed : int (default: 0)
+        Seed of client sampling.
+    on_metrics : Callable, optional
+        Called as ``on_metrics(server_round, stage, metrics, arrays)`` after every
+        aggregation, ``stage`` being ``"train"`` or ``"evaluate"``.
+    """
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        num_experts: int,
+        role_of: RoleOf,
+        *,
+        top_k: int = 2,
+        anchors_per_round: int = 5,
+        normal_per_round: int = 5,
+        common_expert: ArrayRecord | None = None,
+        client_config: Mapping[str, object] | None = None,
+        eval_every: int = 5,
+        eval_train_clients: bool = True,
+        min_train_replies: int = 1,
+        min_nodes: int = 1,
+        timeout: float = 600.0,
+        seed: int = 0,
+        on_metrics: Callable[[int, str, dict, ArrayRecord], None] | None = None,
+    ) -> None:
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"top-k must be in [1, num-experts={num_experts}].")
+        self.num_experts = num_experts
+        self.role_of = role_of
+        self.top_k = top_k
+        self.anchors_per_round = anchors_per_round
+        self.normal_per_round = normal_per_round
+        self.common_expert = common_expert
+        self.client_config = dict(client_config or {})
+        self.eval_every = eval_every
+        self.eval_train_clients = eval_train_clients
+        self.min_train_replies = min_train_replies
+        self.min_nodes = min_nodes
+        self.timeout = timeout
+        self.on_metrics = on_metrics
+        self.rng = np.random.default_rng(seed)
+        self.num_rounds = 0
+        self.clients: dict[int, _Client] = {}
+        self.has_common_expert: set[int] = set()
+        self.arrays = ArrayRecord()
+        self.sent: dict[int, ArrayRecord] = {}
+        self.traffic = _RoundTraffic()
+
+    # ------------------------------------------------------------------ helpers
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log(
+            INFO,
+            "\t├── M=%d experts, top-K=%d, %d anchors + %d normal clients per round",
+            self.num_experts,
+            self.top_k,
+            self.anchors_per_round,
+            self.normal_per_round,
+        )
+        log(INFO, "\t└── evaluate every %d rounds", self.eval_every)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw) -> Result:  # type: ignore[override]
+        """Run DDOME for ``num_rounds`` (see :meth:`Strategy.start`)."""
+        self.num_rounds = num_rounds
+        self.arrays = initial_arrays
+        return super().start(grid, initial_arrays, num_rounds, **kw)
+
+    def _message(
+        self, node_id: int, arrays: ArrayRecord, config: dict, message_type: str
+    ) -> Message:
+        content = RecordDict(
+            {ARRAYS: arrays, CONFIG: ConfigRecord({**self.client_config, **config})}
+        )
+        if self.common_expert is not None and node_id not in self.has_common_expert:
+            content[COMMON_EXPERT] = self.common_expert
+            self.has_common_expert.add(node_id)
+        self.traffic.down += _array_bytes(content)
+        return Message(content=content, dst_node_id=node_id, message_type=message_type)
+
+    def _good_replies(self, replies: Iterable[Message], phase: str) -> list[Message]:
+        good = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                # The node may have restarted and lost its embeddings: resend the
+                # common expert next time.
+                self.has_common_expert.discard(node)
+                log(WARNING, "%s: node %s replied with an error: %s", phase, node, reply.error.reason)
+                continue
+            self.traffic.up += _array_bytes(reply.content)
+            good.append(reply)
+        return good
+
+    def discover_clients(self, grid: Grid) -> None:
+        """Ask every connected node we do not know yet for its ``partition-id``."""
+        deadline = time.monotonic() + self.timeout
+        while len(node_ids := list(grid.get_node_ids())) < self.min_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Only {len(node_ids)} of min-nodes={self.min_nodes} nodes connected."
+                )
+            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), self.min_nodes)
+            time.sleep(1.0)
+        unknown = [n for n in node_ids if n not in self.clients]
+        if not unknown:
+            return
+        queries = [
+            Message(
+                content=RecordDict({CONFIG: ConfigRecord({**self.client_config, TASK: "role"})}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in unknown
+        ]
+        for reply in self._good_replies(grid.send_and_receive(queries, timeout=self.timeout), "role query"):
+            pid = int(reply.content[CONFIG]["partition-id"])
+            role, expert = self.role_of(pid)
+            node = reply.metadata.src_node_id
+            self.clients[node] = _Client(node, pid, role, expert)
+        counts = {r: sum(c.role == r for c in self.clients.values()) for r in (ANCHOR, NORMAL, TEST)}
+        log(INFO, "Clients: %d anchors, %d normal, %d unseen test", counts[ANCHOR], counts[NORMAL], counts[TEST])
+
+    def _with_role(self, grid: Grid, role: str) -> list[_Client]:
+        live = set(grid.get_node_ids())
+        found = [c for c in self.clients.values() if c.role == role and c.node_id in live]
+        return sorted(found, key=lambda c: c.partition_id)
+
+    def _sample(self, clients: list[_Client], count: int) -> list[_Client]:
+        picked = self.rng.choice(len(clients), size=min(count, len(clients)), replace=False)
+        return [clients[i] for i in sorted(picked)]
+
+    def route(self, grid: Grid, clients: list[_Client], server_round: int) -> dict[int, list[int]]:
+        """Routing phase: send the gate, receive mean gate scores, pick top-K experts.
+
+        Parameters
+        ----------
+        grid : Grid
+            The grid to reach the clients through.
+        clients : list
+            Clients to route.
+        server_round : int
+            Current round.
+
+        Returns
+        -------
+        dict[int, list[int]]
+            Node id -> its top-K experts, for the clients that replied.
+        """
+        gate = select(self.arrays, moe_prefixes([]))
+        queries = [
+            self._message(c.node_id, gate, {TASK: "route", "server-round": server_round}, MessageType.QUERY)
+            for c in clients
+        ]
+        chosen = {}
+        for reply in self._good_replies(grid.send_and_receive(queries, timeout=self.timeout), "routing"):
+            scores = np.asarray(reply.content[METRICS]["gate-scores"], dtype=np.float64)
+            if scores.shape != (self.num_experts,) or not np.isfinite(scores).all():
+                log(WARNING, "routing: node %s sent invalid gate scores", reply.metadata.src_node_id)
+                continue
+            chosen[reply.metadata.src_node_id] = top_k_experts(scores, self.top_k)
+        return chosen
+
+    def _dispatch(self, clients_experts: dict[int, list[int]], config: dict, message_type: str) -> list[Message]:
+        messages = []
+        for node, experts in clients_experts.items():
+            part = select(self.arrays, moe_prefixes(experts))
+            if message_type == MessageType.TRAIN:
+                self.sent[node] = part  # what a valid update must match
+            messages.append(self._message(node, part, {**config, "experts": experts}, message_type))
+        return messages
+
+    # ------------------------------------------------------------------ train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample anchors and normal clients, route the normal ones, dispatch top-K.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round.
+        arrays : ArrayRecord
+            The global gate and experts.
+        config : ConfigRecord
+            Extra configuration sent to every training client.
+        grid : Grid
+            Used for the role query and the routing phase before training.
+
+        Returns
+        -------
+        Iterable[Message]
+            One message per sampled client: the gate plus its own expert (anchors) or
+            its top-K experts (normal clients).
+        """
+        self.arrays = arrays
+        self.traffic = _RoundTraffic()
+        self.sent = {}
+        self.discover_clients(grid)
+        anchors = self._sample(self._with_role(grid, ANCHOR), self.anchors_per_round)
+        normals = self._sample(self._with_role(grid, NORMAL), self.normal_per_round)
+        routed = self.route(grid, normals, server_round)
+        self.traffic.picks = [e for experts in routed.values() for e in experts]
+        train_config = {**dict(config), TASK: "train", "server-round": server_round}
+        return [
+            *self._dispatch({c.node_id: [c.expert] for c in anchors}, {**train_config, "role": ANCHOR}, MessageType.TRAIN),
+            *self._dispatch(routed, {**train_config, "role": NORMAL}, MessageType.TRAIN),
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the gate over all replies and each expert over its trainers.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round.
+        replies : Iterable[Message]
+            Training replies; errors and invalid updates are logged and left out.
+
+        Returns
+        -------
+        tuple[ArrayRecord | None, MetricRecord | None]
+            The new global arrays (``None`` if fewer than ``min_train_replies`` valid
+            replies arrived, so the round is skipped) and the round's metrics.
+        """
+        updates, losses, weights, anchor_acc = [], [], [], []
+        for reply in self._good_replies(replies, "train"):
+            node = reply.metadata.src_node_id
+            metrics = reply.content.metric_records.get(METRICS, MetricRecord())
+            update = reply.content.array_records.get(ARRAYS, ArrayRecord())
+            n = metrics.get("num-examples")
+            reason = check_update(update, self.sent.get(node, ArrayRecord()), n)
+            if reason:
+                log(WARNING, "train: rejected the update of node %s: %s", node, reason)
+                continue
+            updates.append((update, float(n)))
+            losses.append(float(metrics.get("train-loss", float("nan"))))
+            weights.append(float(n))
+            if "routing-acc" in metrics:
+                anchor_acc.append(float(metrics["routing-acc"]))
+        trained = sorted({e for u, _ in updates for e in range(self.num_experts) if any(k.startswith(expert_prefix(e)) for k in u)})
+        metrics = {
+            "train-loss": _mean(losses, weights),
+            "anchor-routing-acc": _mean(anchor_acc),
+            "num-replies": len(updates),
+            "experts-trained": len(trained),
+            "bytes-down": self.traffic.down,
+            "bytes-up": self.traffic.up,
+            "bytes-total": self.traffic.down + self.traffic.up,
+            "expert-picks": np.bincount(self.traffic.picks, minlength=self.num_experts).tolist(),
+        }
+        if len(updates) < self.min_train_replies:
+            log(WARNING, "round %d skipped: %d valid replies < min-train-replies=%d", server_round, len(updates), self.min_train_replies)
+            new_arrays = None
+        else:
+            new_arrays = self.arrays = aggregate_moe(self.arrays, updates)
+        log(
+            INFO,
+            "round %d/%d | train loss %.4f | anchor routing acc %.3f | %.2f MB sent | normal clients picked experts %s",
+            server_round, self.num_rounds, metrics["train-loss"], metrics["anchor-routing-acc"],
+            metrics["bytes-total"] / 1e6, metrics["expert-picks"],
+        )
+        if self.on_metrics:
+            self.on_metrics(server_round, "train", metrics, self.arrays)
+        return new_arrays, MetricRecord(metrics)
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Route the evaluation clients with the gate and send each its top-K experts.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round; evaluation runs every ``eval_every`` rounds and at the
+            last one.
+        arrays : ArrayRecord
+            The global gate and experts.
+        config : ConfigRecord
+            Extra configuration sent to every evaluated client.
+        grid : Grid
+            Used for the routing phase.
+
+        Returns
+        -------
+        Iterable[Message]
+            One message per routed client with the gate and its top-K experts.
+        """
+        if server_round % self.eval_every and server_round != self.num_rounds:
+            return []
+        self.arrays = arrays
+        self.discover_clients(grid)
+        clients = self._with_role(grid, TEST)
+        if self.eval_train_clients:
+            clients += self._with_role(grid, ANCHOR) + self._with_role(grid, NORMAL)
+        routed = self.route(grid, clients, server_round)
+        eval_config = {**dict(config), TASK: "evaluate", "server-round": server_round}
+        return self._dispatch(routed, eval_config, MessageType.EVALUATE)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Average each metric over the test clients and over the training clients.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round.
+        replies : Iterable[Message]
+            Evaluation replies.
+
+        Returns
+        -------
+        MetricRecord | None
+            ``test/<metric>`` (unseen clients, the zero-shot figures) and
+            ``train/<metric>`` means over clients, or ``None`` if nothing arrived.
+        """
+        per_group: dict[str, dict[str, list[float]]] = {}
+        for reply in self._good_replies(replies, "evaluate"):
+            client = self.clients.get(reply.metadata.src_node_id)
+            if client is None:
+                continue
+            group = per_group.setdefault("test" if client.role == TEST else "train", {})
+            for key, value in reply.content[METRICS].items():
+                if isinstance(value, (int, float)):
+                    group.setdefault(key, []).append(float(value))
+        if not per_group:
+            return None
+        metrics = {
+            f"{group}/{key}": _mean(v for v in values if np.isfinite(v))
+            for group, by_key in per_group.items()
+            for key, values in by_key.items()
+            if key != "num-examples"
+        }
+        metrics.update({f"{g}/num-clients": len(v.get("num-examples", [])) for g, v in per_group.items()})
+        log(
+            INFO,
+            "round %d | zero-shot acc on unseen clients %.4f (common expert %.4f) | training clients %.4f",
+            server_round, metrics.get("test/zero-shot-acc", float("nan")),
+            metrics.get("test/common-expert-acc", float("nan")), metrics.get("train/zero-shot-acc", float("nan")),
+        )
+        if self.on_metrics:
+            self.on_metrics(server_round, "evaluate", metrics, self.arrays)
+        return MetricRecord(metrics)

@@ -1,0 +1,134 @@
+"""DDOME ServerApp: build everything from the run config, run the rounds, write results."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from data import load_dataset, make_partition
+from data.settings import partition_settings
+from ddome_strategy import DDOME, layout_roles, pack_moe
+from ddome_strategy.common_expert import load_or_pretrain
+from ddome_strategy.models import build_gate, build_model
+from server_app.config import client_config, resolve
+from server_app.results import RunWriter
+
+app = ServerApp()
+
+
+def build_common_expert(cfg: dict):
+    """Load the data, partition it, and pretrain (or load) the common expert."""
+    dataset = load_dataset(cfg["dataset"], cfg["data-root"])
+    plan = make_partition(
+        dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **partition_settings(cfg)
+    )
+    settings = {
+        "dataset": cfg["dataset"],
+        "arch": cfg["arch"],
+        "hidden": cfg["mlp-hidden"],
+        "target_acc": cfg["common-expert-target-acc"],
+        "max_epochs": cfg["common-expert-max-epochs"],
+        "seed": cfg["seed"],
+    }
+    common, accuracy, path = load_or_pretrain(settings, dataset, plan.public_indices, cfg["cache-dir"])
+    log(INFO, "Common expert: test accuracy %.4f (%s)", accuracy, path)
+    return dataset, common, accuracy
+
+
+def build_moe(cfg: dict, dataset, common) -> ArrayRecord:
+    """The initial gate (random) and experts (copies of the common expert, or random)."""
+    torch.manual_seed(cfg["seed"])
+    gate = build_gate(common.feature_dim, cfg["num-experts"], cfg["gate-hidden"])
+    if cfg["experts-init"] == "common":
+        experts = [copy.deepcopy(common) for _ in range(cfg["num-experts"])]
+    else:
+        experts = [
+            build_model(cfg["arch"], dataset.input_shape, dataset.num_classes, cfg["mlp-hidden"])
+            for _ in range(cfg["num-experts"])
+        ]
+    return pack_moe(gate, experts)
+
+
+def print_summary(writer: RunWriter, common_accuracy: float, seconds: float) -> dict:
+    """Print the final zero-shot figures next to the common expert's."""
+    evaluations = [row for row in writer.history if row["stage"] == "evaluate"]
+    final = evaluations[-1] if evaluations else {}
+    summary = {
+        "rounds": max((row["round"] for row in writer.history), default=0),
+        "zero-shot-acc": final.get("test/zero-shot-acc"),
+        "mixture-acc": final.get("test/mixture-acc"),
+        "routing-error": final.get("test/routing-error"),
+        "common-expert-acc": final.get("test/common-expert-acc"),
+        "train-clients-acc": final.get("train/zero-shot-acc"),
+        "common-expert-test-split-acc": common_accuracy,
+        "bytes-per-round": sum(r["bytes-total"] for r in writer.history if r["stage"] == "train")
+        / max(1, sum(r["stage"] == "train" for r in writer.history)),
+        "wall-seconds": seconds,
+        "output": str(writer.path),
+    }
+
+    def fmt(value):
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    lines = [
+        "",
+        "=" * 64,
+        "DDOME result on the unseen test clients (zero-shot, no labels, no fine-tuning)",
+        f"  zero-shot accuracy (top-1 of K)   {fmt(summary['zero-shot-acc'])}",
+        f"  weighted-mixture accuracy          {fmt(summary['mixture-acc'])}",
+        f"  common expert alone, same clients  {fmt(summary['common-expert-acc'])}",
+        f"  gate routing error per sample      {fmt(summary['routing-error'])}",
+        f"  training clients' accuracy         {fmt(summary['train-clients-acc'])}",
+        f"  bytes per round                    {summary['bytes-per-round'] / 1e6:.2f} MB",
+        f"  wall time                          {seconds:.1f} s",
+        f"  results in                         {writer.path}",
+        "=" * 64,
+    ]
+    for line in lines:
+        log(INFO, line)
+    writer.save_summary(summary)
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run DDOME as configured by ``context.run_config``."""
+    logging.getLogger("ddome_strategy").setLevel(logging.INFO)
+    started = time.perf_counter()
+    cfg = resolve(dict(context.run_config))
+    writer = RunWriter(cfg["output-dir"], cfg)
+    log(INFO, "DDOME run: results go to %s", writer.path)
+    dataset, common, common_accuracy = build_common_expert(cfg)
+    writer.save_arrays("common_expert", ArrayRecord(common.state_dict()))
+
+    def on_metrics(server_round: int, stage: str, metrics: dict, arrays: ArrayRecord) -> None:
+        writer.log(server_round, stage, metrics)
+
+    strategy = DDOME(
+        cfg["num-experts"],
+        layout_roles(cfg["num-experts"], cfg["num-train-clients"]),
+        top_k=cfg["top-k"],
+        anchors_per_round=cfg["anchors-per-round"],
+        normal_per_round=cfg["normal-per-round"],
+        common_expert=ArrayRecord(common.state_dict()),
+        client_config=client_config(cfg),
+        eval_every=cfg["eval-every"],
+        eval_train_clients=cfg["eval-train-clients"],
+        min_train_replies=cfg["min-train-replies"],
+        min_nodes=cfg["num-train-clients"] + cfg["num-test-clients"],
+        timeout=cfg["round-timeout"],
+        seed=cfg["seed"],
+        on_metrics=on_metrics,
+    )
+    result = strategy.start(
+        grid, build_moe(cfg, dataset, common), num_rounds=cfg["num-server-rounds"], timeout=cfg["round-timeout"]
+    )
+    writer.save_arrays("moe", result.arrays)
+    print_summary(writer, common_accuracy, time.perf_counter() - started)

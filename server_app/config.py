@@ -1,0 +1,159 @@
+"""The run configuration: defaults, YAML presets, overrides and validation.
+
+Precedence, lowest first: the defaults below (the same as ``[tool.flwr.app.config]``
+in ``pyproject.toml``, which a test checks), then the preset named by ``config-file``,
+then any value given with ``--run-config`` (a value that differs from its default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data import DATASETS, PARTITION_MODES
+from ddome_strategy.models import ARCHITECTURES
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 40,
+    "config-file": "",
+    "dataset": "fashion-mnist",
+    "data-root": "",
+    "partition-mode": "grouped",
+    "num-experts": 5,
+    "top-k": 2,
+    "num-train-clients": 20,
+    "num-test-clients": 5,
+    "labels-per-client": 4,
+    "dirichlet-alpha": 0.1,
+    "samples-per-client": 500,
+    "eval-samples-per-client": 200,
+    "public-fraction": 0.1,
+    "anchors-per-round": 5,
+    "normal-per-round": 5,
+    "arch": "mlp",
+    "mlp-hidden": 128,
+    "gate-hidden": 64,
+    "common-expert-target-acc": 0.75,
+    "common-expert-max-epochs": 20,
+    "experts-init": "common",
+    "lr": 0.01,
+    "gate-lr": 0.001,
+    "momentum": 0.9,
+    "batch-size": 32,
+    "local-epochs": 1,
+    "eval-every": 5,
+    "eval-train-clients": True,
+    "min-train-replies": 1,
+    "round-timeout": 600.0,
+    "seed": 0,
+    "output-dir": "outputs",
+    "cache-dir": "~/.cache/ddome",
+}
+
+EXPERT_INITS = ("common", "random")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key."""
+
+
+def _preset_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    for candidate in (path, APP_DIR / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config-file {name!r} not found (looked in the working directory and {APP_DIR}).")
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Read a YAML preset; every key must be a run-config key."""
+    with _preset_path(name).open(encoding="utf-8") as handle:
+        preset = yaml.safe_load(handle) or {}
+    if not isinstance(preset, dict):
+        raise ConfigError(f"config-file {name!r} must hold a mapping of run-config keys.")
+    unknown = sorted(set(preset) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"config-file {name!r} has unknown key {unknown[0]!r}; valid keys are listed in the README.")
+    return preset
+
+
+def resolve(run_config: dict[str, Any]) -> dict[str, Any]:
+    """Merge defaults, the preset and explicit overrides, then validate.
+
+    Parameters
+    ----------
+    run_config : dict
+        ``context.run_config`` of the ServerApp.
+
+    Returns
+    -------
+    dict
+        The complete, validated configuration.
+    """
+    unknown = sorted(set(run_config) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"Unknown run-config key {unknown[0]!r}.")
+    overrides = {k: v for k, v in run_config.items() if v != DEFAULTS[k]}
+    preset = load_preset(overrides["config-file"]) if overrides.get("config-file") else {}
+    cfg = {**DEFAULTS, **preset, **overrides}
+    for key, value in cfg.items():
+        default = DEFAULTS[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            cfg[key] = value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}.")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Stop with one sentence naming the key if the configuration cannot work."""
+    choices = {
+        "dataset": DATASETS,
+        "arch": ARCHITECTURES,
+        "partition-mode": PARTITION_MODES,
+        "experts-init": EXPERT_INITS,
+    }
+    for key, valid in choices.items():
+        if cfg[key] not in valid:
+            raise ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(valid)}.")
+    m = cfg["num-experts"]
+    checks = [
+        (m >= 1, "num-experts must be at least 1"),
+        (1 <= cfg["top-k"] <= m, f"top-k={cfg['top-k']} must be between 1 and num-experts={m}"),
+        (cfg["num-train-clients"] >= m, f"num-train-clients={cfg['num-train-clients']} must be at least num-experts={m} (one anchor per expert)"),
+        (0 <= cfg["anchors-per-round"] <= m, f"anchors-per-round={cfg['anchors-per-round']} must be between 0 and the {m} anchor clients"),
+        (0 <= cfg["normal-per-round"] <= cfg["num-train-clients"] - m, f"normal-per-round={cfg['normal-per-round']} exceeds the {cfg['num-train-clients'] - m} normal clients"),
+        (cfg["anchors-per-round"] + cfg["normal-per-round"] >= 1, "anchors-per-round + normal-per-round must be at least 1"),
+        (cfg["num-test-clients"] >= 1, "num-test-clients must be at least 1"),
+        (cfg["num-server-rounds"] >= 1, "num-server-rounds must be at least 1"),
+        (cfg["eval-every"] >= 1, "eval-every must be at least 1"),
+        (0 < cfg["common-expert-target-acc"] <= 1, "common-expert-target-acc must be in (0, 1]"),
+        (0 < cfg["public-fraction"] < 1, "public-fraction must be in (0, 1)"),
+        (cfg["samples-per-client"] >= 1, "samples-per-client must be at least 1"),
+        (cfg["batch-size"] >= 1, "batch-size must be at least 1"),
+        (cfg["local-epochs"] >= 1, "local-epochs must be at least 1"),
+        (cfg["lr"] > 0 and cfg["gate-lr"] >= 0, "lr must be positive and gate-lr non-negative"),
+        (cfg["dirichlet-alpha"] > 0, "dirichlet-alpha must be positive"),
+        (cfg["min-train-replies"] >= 0, "min-train-replies must be non-negative"),
+    ]
+    for ok, sentence in checks:
+        if not ok:
+            raise ConfigError(sentence + ".")
+    if cfg["data-root"] and not Path(cfg["data-root"]).expanduser().exists():
+        raise ConfigError(f"data-root {cfg['data-root']!r} does not exist.")
+
+
+def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The entries every ClientApp needs (data, partition, models, optimiser)."""
+    keys = (
+        "dataset", "data-root", "partition-mode", "num-experts", "num-train-clients",
+        "num-test-clients", "labels-per-client", "dirichlet-alpha", "samples-per-client",
+        "eval-samples-per-client", "public-fraction", "arch", "mlp-hidden", "gate-hidden",
+        "lr", "gate-lr", "momentum", "batch-size", "local-epochs", "seed",
+    )
+    return {k: cfg[k] for k in keys}

@@ -1,0 +1,72 @@
+"""The MoE maths: mixture and anchor losses, top-K, zero-shot prediction, routing error."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddome_strategy.moe import (
+    anchor_loss,
+    mixture_log_probs,
+    mixture_loss,
+    routing_error,
+    top_k_experts,
+    zero_shot_predictions,
+)
+
+
+def test_mixture_is_gate_weighted_average_of_expert_probabilities():
+    torch.manual_seed(0)
+    gate_logits, expert_logits = torch.randn(4, 2), torch.randn(4, 2, 3)
+    weights = torch.softmax(gate_logits, 1)
+    expected = (weights.unsqueeze(2) * torch.softmax(expert_logits, 2)).sum(1)
+    assert torch.allclose(mixture_log_probs(gate_logits, expert_logits).exp(), expected, atol=1e-6)
+
+
+def test_mixture_loss_rewards_routing_to_the_right_expert():
+    labels = torch.tensor([0, 0])
+    right, wrong = torch.tensor([10.0, -10.0]), torch.tensor([-10.0, 10.0])
+    expert_logits = torch.stack([right, wrong]).unsqueeze(0).expand(2, 2, 2).clone()
+    good = mixture_loss(torch.tensor([[5.0, -5.0]] * 2), expert_logits, labels)
+    bad = mixture_loss(torch.tensor([[-5.0, 5.0]] * 2), expert_logits, labels)
+    assert good < 0.01 < 5 < bad
+
+
+def test_anchor_loss_is_expert_ce_plus_one_hot_gate_ce():
+    torch.manual_seed(0)
+    expert_logits, gate_logits = torch.randn(5, 3), torch.randn(5, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    expected = F.cross_entropy(expert_logits, labels) + F.cross_entropy(gate_logits, torch.full((5,), 2))
+    assert torch.isclose(anchor_loss(expert_logits, gate_logits, labels, 2), expected)
+
+
+def test_anchor_loss_gradient_pulls_gate_towards_its_expert():
+    gate_logits = torch.zeros(1, 3, requires_grad=True)
+    anchor_loss(torch.zeros(1, 2), gate_logits, torch.tensor([0]), 1).backward()
+    assert gate_logits.grad[0, 1] < 0 < gate_logits.grad[0, 0]
+
+
+def test_top_k_picks_highest_scores_in_order():
+    assert top_k_experts(np.array([0.1, 0.5, 0.2, 0.9]), 2) == [3, 1]
+    assert top_k_experts(np.array([0.25, 0.25, 0.25, 0.25]), 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="top-k"):
+        top_k_experts(np.array([0.5, 0.5]), 3)
+
+
+def test_zero_shot_uses_the_selected_expert_with_highest_gate_score():
+    # Expert 3 says class 1, expert 0 says class 0; the gate prefers 3 for sample 0
+    # and 0 for sample 1. Expert 2 is not selected even though the gate likes it most.
+    gate_probs = torch.tensor([[0.2, 0.0, 0.5, 0.3], [0.3, 0.0, 0.5, 0.2]])
+    expert_logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0]], [[5.0, 0.0], [0.0, 5.0]]])
+    top1, mixture = zero_shot_predictions(gate_probs, expert_logits, [0, 3])
+    assert top1.tolist() == [1, 0]
+    assert mixture.tolist() == [1, 0]
+
+
+def test_routing_error_counts_samples_sent_away_from_their_anchor_expert():
+    gate_probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    labels = torch.tensor([0, 1, 1, 7])  # label 7 is in no anchor group: ignored
+    assert routing_error(gate_probs, labels, {0: 0, 1: 1}) == pytest.approx(1 / 3)
+    assert math.isnan(routing_error(gate_probs, torch.tensor([7, 7, 7, 7]), {0: 0}))

@@ -1,0 +1,160 @@
+"""The DDOME strategy against scripted clients: roles, routing, dispatch, aggregation."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from ddome_strategy import DDOME, layout_roles
+from ddome_strategy.arrays import experts_in
+from ddome_strategy.strategy import ARRAYS, COMMON_EXPERT, CONFIG, METRICS, TASK
+
+M, K = 4, 2
+
+
+def global_arrays(value=0.0):
+    arrays = {"gate.w": Array(np.full(3, value, np.float32))}
+    for i in range(M):
+        arrays[f"expert.{i}.w"] = Array(np.full(2, value + i, np.float32))
+    return ArrayRecord(arrays)
+
+
+class ScriptedClient:
+    """Replies like a ClientApp: its partition id, fixed gate scores, fixed updates."""
+
+    def __init__(self, partition_id, scores=None, fail_train=False):
+        self.partition_id = partition_id
+        self.scores = scores if scores is not None else np.full(M, 1 / M)
+        self.fail_train = fail_train
+        self.received = []
+
+    def __call__(self, message):
+        self.received.append(message)
+        cfg = message.content[CONFIG]
+        if cfg[TASK] == "role":
+            return Message(RecordDict({CONFIG: ConfigRecord({"partition-id": self.partition_id})}), reply_to=message)
+        if cfg[TASK] == "route":
+            return Message(RecordDict({METRICS: MetricRecord({"gate-scores": list(map(float, self.scores))})}), reply_to=message)
+        if cfg[TASK] == "train":
+            if self.fail_train:
+                update = ArrayRecord({"gate.w": Array(np.full(3, np.nan, np.float32))})
+            else:
+                update = ArrayRecord({k: Array(np.full(v.shape, 100.0 + self.partition_id, np.float32)) for k, v in message.content[ARRAYS].items()})
+            metrics = {"num-examples": 10 * (self.partition_id + 1), "train-loss": 1.0}
+            if cfg["role"] == "anchor":
+                metrics["routing-acc"] = 0.5
+            return Message(RecordDict({ARRAYS: update, METRICS: MetricRecord(metrics)}), reply_to=message)
+        return Message(RecordDict({METRICS: MetricRecord({"zero-shot-acc": self.partition_id / 10, "num-examples": 5})}), reply_to=message)
+
+
+def make_federation(fake_grid_class, node_ids, scores_of=None, failing=()):
+    # Partition ids 0..3 anchors, 4..7 normal, 8..9 test; node ids are arbitrary.
+    clients = {
+        node: ScriptedClient(pid, (scores_of or {}).get(pid), fail_train=pid in failing)
+        for pid, node in enumerate(node_ids)
+    }
+    return fake_grid_class(clients), clients
+
+
+def make_strategy(**kw):
+    options = dict(top_k=K, anchors_per_round=2, normal_per_round=3, common_expert=ArrayRecord({"w": Array(np.ones(1, np.float32))}), seed=0)
+    options.update(kw)
+    return DDOME(M, layout_roles(M, 8), **options)
+
+
+NODE_IDS = [9001 + 7919 * i for i in range(10)]  # random-looking, as in a deployment
+
+
+def test_roles_are_learned_from_partition_ids(fake_grid_class):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    strategy = make_strategy()
+    strategy.discover_clients(grid)
+    roles = {c.partition_id: (c.role, c.expert) for c in strategy.clients.values()}
+    assert roles[2] == ("anchor", 2)
+    assert roles[5] == ("normal", -1)
+    assert roles[9] == ("test", -1)
+    assert strategy.clients[NODE_IDS[3]].partition_id == 3
+
+
+def test_each_client_gets_gate_plus_only_its_experts(fake_grid_class):
+    scores = {4: [0.1, 0.6, 0.1, 0.2], 5: [0.7, 0.1, 0.15, 0.05], 6: [0.0, 0.1, 0.5, 0.4], 7: [0.3, 0.3, 0.3, 0.1]}
+    grid, clients = make_federation(fake_grid_class, NODE_IDS, scores_of={k: np.array(v) for k, v in scores.items()})
+    strategy = make_strategy()
+    strategy.start(grid, global_arrays(), num_rounds=1, evaluate_config=None)
+    expected_topk = {4: [1, 3], 5: [0, 2], 6: [2, 3], 7: [0, 1]}
+    trained = 0
+    for client in clients.values():
+        for message in client.received:
+            if message.metadata.message_type != MessageType.TRAIN:
+                continue
+            trained += 1
+            experts = experts_in(message.content[ARRAYS])
+            assert "gate.w" in message.content[ARRAYS]
+            if client.partition_id < M:
+                assert experts == [client.partition_id]  # anchors: their own expert only
+            else:
+                assert experts == sorted(expected_topk[client.partition_id])
+                assert list(message.content[CONFIG]["experts"]) == expected_topk[client.partition_id]
+    assert trained == 2 + 3
+
+
+def test_common_expert_is_sent_once_per_node(fake_grid_class):
+    grid, clients = make_federation(fake_grid_class, NODE_IDS)
+    make_strategy(eval_every=1).start(grid, global_arrays(), num_rounds=3)
+    for client in clients.values():
+        with_ce = [m for m in client.received if COMMON_EXPERT in m.content]
+        assert len(with_ce) == 1
+        first_payload = next(m for m in client.received if m.content[CONFIG][TASK] != "role")
+        assert COMMON_EXPERT in first_payload.content
+
+
+def test_aggregation_is_per_expert_and_untrained_experts_are_unchanged(fake_grid_class):
+    # Only anchors train (no normal clients), anchor 0 and 1 are sampled.
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    strategy = make_strategy(anchors_per_round=2, normal_per_round=0, seed=3)
+    result = strategy.start(grid, global_arrays(), num_rounds=1)
+    trainers = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
+    sampled = sorted(strategy.clients[n].partition_id for n in trainers)
+    assert len(sampled) == 2
+    arrays = result.arrays
+    weights = {pid: 10 * (pid + 1) for pid in sampled}
+    gate_expected = sum((100.0 + p) * w for p, w in weights.items()) / sum(weights.values())
+    assert arrays["gate.w"].numpy() == pytest.approx(np.full(3, gate_expected))
+    for i in range(M):
+        value = 100.0 + i if i in sampled else float(i)
+        assert arrays[f"expert.{i}.w"].numpy() == pytest.approx(np.full(2, value))
+
+
+def test_bad_updates_never_reach_the_aggregate(fake_grid_class):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS, failing=set(range(8)))
+    strategy = make_strategy(min_train_replies=1)
+    result = strategy.start(grid, global_arrays(), num_rounds=1)
+    assert len(result.arrays) == 0  # the round was skipped: no new global arrays
+    assert strategy.arrays["gate.w"].numpy() == pytest.approx(np.zeros(3))
+    assert result.train_metrics_clientapp[1]["num-replies"] == 0
+
+
+def test_byte_accounting_matches_arrays_sent(fake_grid_class):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    strategy = make_strategy()
+    result = strategy.start(grid, global_arrays(), num_rounds=1)
+    down = sum(
+        r.count_bytes()
+        for m in grid.sent
+        if m.metadata.message_type in (MessageType.TRAIN, MessageType.QUERY)
+        for r in m.content.array_records.values()
+    )
+    assert result.train_metrics_clientapp[1]["bytes-down"] == down
+
+
+def test_evaluation_reports_test_and_training_clients_separately(fake_grid_class):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    result = make_strategy(eval_every=1).start(grid, global_arrays(), num_rounds=1)
+    metrics = result.evaluate_metrics_clientapp[1]
+    assert metrics["test/zero-shot-acc"] == pytest.approx((0.8 + 0.9) / 2)
+    assert metrics["test/num-clients"] == 2
+    assert metrics["train/num-clients"] == 8
+
+
+def test_invalid_top_k_is_refused():
+    with pytest.raises(ValueError, match="top-k"):
+        DDOME(3, layout_roles(3, 5), top_k=4)
