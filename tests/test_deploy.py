@@ -1,0 +1,464 @@
+"""Deployment tests (issue 4): compose files and a real multi-process federation.
+
+1. ``docker-compose config`` accepts every compose file and variant, and the variants
+   carry the flags they promise (skipped when ``docker-compose`` is not installed; no
+   Docker engine is needed).
+2. A real deployment on loopback: certificates and SuperNode keys from
+   ``deploy/make-certs.sh``, a ``flower-superlink`` with TLS and SuperNode authentication,
+   the SuperNodes' public keys registered with ``flwr supernode register``, one
+   ``flower-supernode`` per client (``--node-config "partition-id=<i>"``), then
+   ``flwr run`` of this repository with a tiny DDOME configuration on ``digits``. Checks:
+   the run completes, writes ``metrics.jsonl`` and checkpoints, and a SuperNode whose key
+   was not registered is refused.
+
+The flags shared with ``docker-compose.yml`` / ``docker-compose.tls.yml`` are the TLS and
+authentication ones below (``SUPERLINK_TLS_FLAGS``, ``SUPERNODE_TLS_FLAGS``); a test
+checks that the compose TLS variant uses them. The difference: here the SuperLink and
+SuperNodes use the default ``--isolation subprocess`` (they start the ServerApp/ClientApp
+SuperExecs themselves), while compose uses ``--isolation process`` with separate
+``flower-superexec`` containers.
+
+Every process started here is stopped by pid in a fixture teardown, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.deploy
+
+REPO = Path(__file__).resolve().parents[1]
+BIN_DIR = Path(sys.executable).parent
+MAKE_CERTS = REPO / "deploy" / "make-certs.sh"
+
+BASE = "docker-compose.yml"
+TLS = "docker-compose.tls.yml"
+GPU = "docker-compose.gpu.yml"
+VARIANTS = {
+    "base": [BASE],
+    "tls": [BASE, TLS],
+    "gpu": [BASE, GPU],
+    "tls+gpu": [BASE, TLS, GPU],
+}
+
+# Flags shared by this test and docker-compose.tls.yml (paths differ).
+SUPERLINK_TLS_FLAGS = ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth")
+SUPERNODE_TLS_FLAGS = ("--root-certificates", "--auth-supernode-private-key", "--superlink", "--node-config")
+
+# A DDOME run small enough for 2 CPU cores: 2 experts, 4 training + 1 test client.
+NUM_TRAIN, NUM_TEST = 4, 1
+NUM_NODES = NUM_TRAIN + NUM_TEST
+ROUNDS = 2
+RUN_CONFIG = (
+    f"num-server-rounds={ROUNDS} dataset='digits' num-experts=2 top-k=1 "
+    f"num-train-clients={NUM_TRAIN} num-test-clients={NUM_TEST} labels-per-client=5 "
+    "samples-per-client=100 eval-samples-per-client=50 anchors-per-round=2 normal-per-round=2 "
+    "mlp-hidden=32 gate-hidden=16 common-expert-target-acc=0.6 common-expert-max-epochs=5 "
+    "eval-every=1 round-timeout=120.0"
+)
+RUN_TIMEOUT_S = 240
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def _compose_binary() -> str | None:
+    return shutil.which("docker-compose")
+
+
+def _compose_config(files: list[str]) -> dict:
+    binary = _compose_binary()
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run apt-installs it)")
+    args = [binary]
+    for name in files:
+        args += ["-f", str(REPO / name)]
+    result = subprocess.run(
+        [*args, "config"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, f"docker-compose config rejected {files}:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)
+
+
+def _command(service: dict) -> str:
+    command = service.get("command", [])
+    return " ".join(command) if isinstance(command, list) else str(command)
+
+
+def _supernodes(config: dict) -> dict[str, dict]:
+    return {
+        name: svc
+        for name, svc in config["services"].items()
+        if str(svc.get("image", "")).startswith("flwr/supernode:")
+    }
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compose_config_accepts_every_variant(variant: str) -> None:
+    config = _compose_config(VARIANTS[variant])
+    services = config["services"]
+
+    assert services["superlink"]["image"].startswith("flwr/superlink:1.41.0")
+    supernodes = _supernodes(config)
+    assert len(supernodes) >= 3
+    partition_ids = []
+    for name, svc in supernodes.items():
+        command = _command(svc)
+        assert "--node-config" in command and "data-root='/data'" in command, name
+        assert "--isolation process" in command, name
+        partition_ids.append(int(svc["environment"]["PARTITION_ID"]))
+        # each SuperNode has a SuperExec that runs its ClientApps and holds its own data
+        executor = services[f"superexec-clientapp-{partition_ids[-1]}"]
+        assert f"{name}:9094" in _command(executor)
+        data = [v for v in executor["volumes"] if str(v).endswith(":/data:ro") or "/data" in str(v)]
+        assert data, f"{name} has no data volume"
+    assert sorted(partition_ids) == list(range(len(supernodes)))
+    data_mounts = {str(services[f"superexec-clientapp-{i}"]["volumes"][0]) for i in partition_ids}
+    assert len(data_mounts) == len(partition_ids), "every node needs its own data folder"
+    assert any("outputs" in str(v) for v in services["superexec-serverapp"]["volumes"])
+
+    superlink = _command(services["superlink"])
+    if "tls" in variant:
+        assert "--insecure" not in superlink
+        for flag in SUPERLINK_TLS_FLAGS:
+            assert flag in superlink, flag
+        assert "--root-certificates" in _command(services["superexec-serverapp"])
+        keys = set()
+        for name, svc in supernodes.items():
+            command = _command(svc)
+            assert "--insecure" not in command, name
+            for flag in SUPERNODE_TLS_FLAGS:
+                assert flag in command, (name, flag)
+            key_mounts = [str(v) for v in svc["volumes"] if "keys/supernode-" in str(v)]
+            assert len(key_mounts) == 1, name
+            keys.add(key_mounts[0].split(":")[0])
+        assert len(keys) == len(supernodes), "every SuperNode needs its own key"
+    else:
+        assert "--insecure" in superlink
+    if "gpu" in variant:
+        for i in partition_ids:
+            devices = services[f"superexec-clientapp-{i}"]["deploy"]["resources"]["reservations"]["devices"]
+            assert devices[0]["capabilities"] == ["gpu"]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may contain spaces or parentheses
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _tree(pids: list[int]) -> list[int]:
+    """The pids and all their descendants (Flower detaches SuperExecs into new sessions)."""
+    if not Path("/proc").is_dir():
+        return list(pids)
+    children = _children_map()
+    seen: list[int] = []
+    stack = list(pids)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        stack.extend(children.get(pid, []))
+    return seen
+
+
+class Processes:
+    """Processes started by this test, each in its own session; stopped by pid."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir = log_dir
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.log_dir,
+            start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str, tail: int = 4000) -> str:
+        path = self.log_dir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text[-tail:]
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {name}\n{self.log(name, 2500)}" for name in self.procs)
+
+    def stop_all(self) -> None:
+        mine = [p.pid for p in self.procs.values()]
+        everything = _tree(mine)
+        for sig, grace in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 3.0)):
+            for pid in everything:
+                try:
+                    if pid in mine:
+                        os.killpg(pid, sig)  # the session/group each Popen started
+                    else:
+                        os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + grace
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            alive = [pid for pid in everything if _alive(pid)]
+            if not alive:
+                break
+            while alive and time.monotonic() < deadline:
+                time.sleep(0.2)
+                alive = [pid for pid in everything if _alive(pid)]
+            if not alive:
+                break
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN_DIR / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+        check=False, cwd=REPO,
+    )
+
+
+def _json_out(result: subprocess.CompletedProcess) -> dict:
+    """The JSON document `flwr ... --format json` prints (after any log lines)."""
+    start = result.stdout.find("{")
+    assert start >= 0, f"no JSON in output:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout[start:])
+
+
+def _wait_for(predicate, timeout: float, what: str, procs: Processes, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{procs.logs()}")
+
+
+@pytest.fixture
+def processes(tmp_path: Path):
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(tmp_path / "flwr-home")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env["PYTHON"] = sys.executable  # make-certs.sh's fallback when ssh-keygen is missing
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(logs, env)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def _require_binaries() -> None:
+    for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
+        if shutil.which(tool, path=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}") is None:
+            pytest.skip(f"{tool} is not on PATH")
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+
+def test_make_certs_writes_ca_server_cert_and_keys(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    out = tmp_path / "certs"
+    env = {**os.environ, "PYTHON": sys.executable, "EXTRA_SANS": "DNS:link.example.org,IP:10.1.2.3"}
+    subprocess.run(["bash", str(MAKE_CERTS), str(out), "3"], env=env, check=True, capture_output=True, timeout=120)
+    for name in ("ca.crt", "ca.key", "server.pem", "server.key"):
+        assert (out / name).is_file(), name
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.pem")],
+        capture_output=True, text=True, check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(out / "server.pem"), "-noout", "-text"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for san in ("DNS:superlink", "DNS:localhost", "IP Address:127.0.0.1", "DNS:link.example.org", "IP Address:10.1.2.3"):
+        assert san in text, san
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    for i in range(3):
+        private = load_ssh_private_key((out / "keys" / f"supernode-{i}").read_bytes(), None)
+        public = load_ssh_public_key((out / "keys" / f"supernode-{i}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert (out / "keys" / f"supernode-{i}").stat().st_mode & 0o077 == 0, "private key must be 0600"
+    # refuses to overwrite without FORCE=1
+    again = subprocess.run(["bash", str(MAKE_CERTS), str(out), "1"], env=env, capture_output=True, timeout=60)
+    assert again.returncode != 0
+
+
+def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Processes) -> None:
+    _require_binaries()
+    env = processes.env
+
+    # 1. certificates and one key pair per SuperNode, plus one that is never registered
+    certs = tmp_path / "certs"
+    subprocess.run(
+        ["bash", str(MAKE_CERTS), str(certs), str(NUM_NODES + 1)], env=env, check=True,
+        capture_output=True, timeout=120,
+    )
+    ca = certs / "ca.crt"
+
+    # 2. the SuperLink: TLS on every API, only registered SuperNodes admitted
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    superlink = processes.start("superlink", [
+        str(BIN_DIR / "flower-superlink"),
+        "--ssl-ca-certfile", str(ca),
+        "--ssl-certfile", str(certs / "server.pem"),
+        "--ssl-keyfile", str(certs / "server.key"),
+        "--enable-supernode-auth",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--database", str(tmp_path / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ])
+
+    # 3. the connection the flwr CLI uses, in a private FLWR_HOME
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "ddome-test"\n\n'
+        f'[superlink.ddome-test]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
+    )
+
+    def _superlink_up() -> bool:
+        assert superlink.poll() is None, f"flower-superlink exited\n{processes.log('superlink')}"
+        return _flwr(env, "supernode", "list", "ddome-test", "--format", "json").returncode == 0
+
+    _wait_for(_superlink_up, 60, "the SuperLink's Control API", processes)
+
+    # 4. register the SuperNodes' public keys (not the intruder's)
+    registered: set[str] = set()
+    for i in range(NUM_NODES):
+        result = _flwr(env, "supernode", "register", str(certs / "keys" / f"supernode-{i}.pub"), "ddome-test",
+                       "--format", "json")
+        payload = _json_out(result)
+        assert payload.get("success"), payload
+        registered.add(str(payload["node-id"]))
+    assert len(registered) == NUM_NODES
+
+    # 5. one SuperNode per partition, each with TLS and its own key
+    def supernode_args(i: int, key: Path) -> list[str]:
+        return [
+            str(BIN_DIR / "flower-supernode"),
+            "--root-certificates", str(ca),
+            "--auth-supernode-private-key", str(key),
+            "--superlink", address,
+            "--node-config", f"partition-id={i}",
+            "--host", "127.0.0.1", "--port", str(_free_port()),
+            "--max-retries", "5",
+        ]
+
+    for i in range(NUM_NODES):
+        processes.start(f"supernode-{i}", supernode_args(i, certs / "keys" / f"supernode-{i}"))
+    intruder = processes.start("supernode-unregistered",
+                               supernode_args(0, certs / "keys" / f"supernode-{NUM_NODES}"))
+
+    def _nodes() -> list[dict]:
+        result = _flwr(env, "supernode", "list", "ddome-test", "--format", "json")
+        return _json_out(result).get("nodes", []) if result.returncode == 0 else []
+
+    def _all_online():
+        nodes = _nodes()
+        online = {n["node-id"] for n in nodes if n["status"] == "online"}
+        return nodes if online >= registered else None
+
+    nodes = _wait_for(_all_online, 90, f"{NUM_NODES} registered SuperNodes online", processes, interval=1.0)
+
+    # 6. the unregistered SuperNode is refused: it exits non-zero and never shows up
+    try:
+        intruder.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the unregistered SuperNode is still running\n{processes.log('supernode-unregistered')}")
+    assert intruder.returncode != 0, processes.log("supernode-unregistered")
+    assert {n["node-id"] for n in nodes} == registered
+
+    # 7. run DDOME on the federation
+    outputs, cache = tmp_path / "outputs", tmp_path / "cache"
+    run_config = f"{RUN_CONFIG} output-dir='{outputs}' cache-dir='{cache}'"
+    result = _flwr(env, "run", str(REPO), "ddome-test", "--run-config", run_config, "--format", "json",
+                   timeout=180)
+    payload = _json_out(result)
+    assert payload.get("success") and payload.get("run-id"), f"{payload}\n{processes.logs()}"
+    run_id = payload["run-id"]
+
+    def _run_status():
+        res = _flwr(env, "ls", "ddome-test", "--run-id", run_id, "--format", "json")
+        if res.returncode != 0:
+            return None
+        runs = _json_out(res).get("runs", [])
+        status = runs[0]["status"] if runs else ""
+        return status if status.startswith("finished") else None
+
+    status = _wait_for(_run_status, RUN_TIMEOUT_S, f"run {run_id} to finish", processes, interval=2.0)
+    run_log = _flwr(env, "log", run_id, "ddome-test", "--show", timeout=60)
+    assert status == "finished:completed", (
+        f"run ended as {status}\n--- flwr log\n{run_log.stdout[-6000:]}\n{processes.logs()}"
+    )
+
+    # 8. results: metrics for every round and the checkpoints
+    metrics = sorted(outputs.rglob("metrics.jsonl"))
+    assert len(metrics) == 1, f"no metrics.jsonl under {outputs}: {sorted(outputs.rglob('*'))}"
+    run_dir = metrics[0].parent
+    records = [json.loads(line) for line in metrics[0].read_text().splitlines() if line.strip()]
+    rounds = {r.get("round") for r in records if isinstance(r.get("round"), int)}
+    assert set(range(1, ROUNDS + 1)) <= rounds, records
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert "moe.pt" in checkpoints and "common_expert.pt" in checkpoints, checkpoints
+    assert (run_dir / "summary.json").is_file()
+    assert any(cache.rglob("*")), "the common expert was not cached in cache-dir"
+    # the SuperLink is still serving and every registered SuperNode took part
+    assert superlink.poll() is None
+    assert re.search(r"round|Round|ROUND", run_log.stdout + "".join(str(r) for r in records))
