@@ -162,35 +162,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _children_map() -> dict[int, list[int]]:
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the command name may hold spaces or ")"
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat(pid)
+    return fields[19] if fields else None  # field 22 of stat: start time in clock ticks
+
+
+def _tree(pids: list[int]) -> dict[int, str | None]:
+    """The pids and all their descendants (Flower detaches its SuperExecs into new
+    sessions, so a process group does not hold them), each with its start time so that a
+    reused pid is never signalled."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may contain spaces or parentheses
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def _tree(pids: list[int]) -> list[int]:
-    """The pids and all their descendants (Flower detaches SuperExecs into new sessions)."""
-    if not Path("/proc").is_dir():
-        return list(pids)
-    children = _children_map()
-    seen: list[int] = []
+    if Path("/proc").is_dir():
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (fields := _stat(int(entry.name))):
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    seen: dict[int, str | None] = {}
     stack = list(pids)
     while stack:
         pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.append(pid)
-        stack.extend(children.get(pid, []))
+        if pid not in seen:
+            seen[pid] = _start_time(pid)
+            stack.extend(children.get(pid, []))
     return seen
+
+
+def _alive(pid: int, start_time: str | None) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and (start_time is None or fields[19] == start_time)
 
 
 class Processes:
@@ -202,12 +209,11 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.log_dir,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.log_dir,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -220,39 +226,30 @@ class Processes:
         return "\n".join(f"===== {name}\n{self.log(name, 2500)}" for name in self.procs)
 
     def stop_all(self) -> None:
-        mine = [p.pid for p in self.procs.values()]
-        everything = _tree(mine)
-        for sig, grace in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 3.0)):
-            for pid in everything:
-                try:
-                    if pid in mine:
-                        os.killpg(pid, sig)  # the session/group each Popen started
-                    else:
-                        os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        """SIGTERM our process groups (Flower shuts its SuperExecs down), then SIGTERM and
+        finally SIGKILL whatever of the recorded process tree is left."""
+        roots = [p.pid for p in self.procs.values() if p.poll() is None]
+        tree = _tree(roots)
+        for pid in roots:
+            try:
+                os.killpg(pid, signal.SIGTERM)  # the session/group each Popen started
+            except (ProcessLookupError, PermissionError):
+                pass
+        for sig, grace in ((None, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 3.0)):
+            if sig is not None:
+                for pid, started in tree.items():
+                    if _alive(pid, started):
+                        try:
+                            os.kill(pid, sig)
+                        except (ProcessLookupError, PermissionError):
+                            pass
             deadline = time.monotonic() + grace
-            for proc in self.procs.values():
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            alive = [pid for pid in everything if _alive(pid)]
-            if not alive:
-                break
-            while alive and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                for proc in self.procs.values():
+                    proc.poll()  # reap our direct children
+                if not any(_alive(pid, started) for pid, started in tree.items()):
+                    return
                 time.sleep(0.2)
-                alive = [pid for pid in everything if _alive(pid)]
-            if not alive:
-                break
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -375,7 +372,8 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
 
     def _superlink_up() -> bool:
         assert superlink.poll() is None, f"flower-superlink exited\n{processes.log('superlink')}"
-        return _flwr(env, "supernode", "list", "ddome-test", "--format", "json").returncode == 0
+        result = _flwr(env, "supernode", "list", "ddome-test", "--format", "json")
+        return result.returncode == 0 and bool(_json_out(result).get("success"))
 
     _wait_for(_superlink_up, 60, "the SuperLink's Control API", processes)
 
@@ -408,7 +406,8 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
 
     def _nodes() -> list[dict]:
         result = _flwr(env, "supernode", "list", "ddome-test", "--format", "json")
-        return _json_out(result).get("nodes", []) if result.returncode == 0 else []
+        payload = _json_out(result)
+        return payload.get("nodes", []) if payload.get("success") else []
 
     def _all_online():
         nodes = _nodes()
@@ -436,9 +435,10 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
 
     def _run_status():
         res = _flwr(env, "ls", "ddome-test", "--run-id", run_id, "--format", "json")
-        if res.returncode != 0:
+        payload = _json_out(res)
+        if res.returncode != 0 or not payload.get("success"):
             return None
-        runs = _json_out(res).get("runs", [])
+        runs = payload.get("runs", [])
         status = runs[0]["status"] if runs else ""
         return status if status.startswith("finished") else None
 
