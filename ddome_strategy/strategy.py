@@ -213,7 +213,7 @@ class DDOME(Strategy):
                 raise TimeoutError(
                     f"Only {len(node_ids)} of min-nodes={self.min_nodes} nodes connected."
                 )
-            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), self.min_nodes)
+            log(INFO, "Waiting for nodes: %d of %d connected (in simulation, num-supernodes must be at least %d)", len(node_ids), self.min_nodes, self.min_nodes)
             time.sleep(1.0)
         unknown = [n for n in node_ids if n not in self.clients]
         if not unknown:

@@ -100,9 +100,20 @@ def print_summary(writer: RunWriter, common_accuracy: float, seconds: float) -> 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run DDOME as configured by ``context.run_config``."""
+    run_ddome(grid, dict(context.run_config))
+
+
+def run_ddome(grid: Grid, run_config: dict) -> dict:
+    """Resolve the configuration, run DDOME on ``grid`` and write the results.
+
+    Returns
+    -------
+    dict
+        The run's summary (also written to ``summary.json``).
+    """
     logging.getLogger("ddome_strategy").setLevel(logging.INFO)
     started = time.perf_counter()
-    cfg = resolve(dict(context.run_config))
+    cfg = resolve(run_config)
     writer = RunWriter(cfg["output-dir"], cfg)
     log(INFO, "DDOME run: results go to %s", writer.path)
     dataset, common, common_accuracy = build_common_expert(cfg)
@@ -130,5 +141,5 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(
         grid, build_moe(cfg, dataset, common), num_rounds=cfg["num-server-rounds"], timeout=cfg["round-timeout"]
     )
-    writer.save_arrays("moe", result.arrays)
-    print_summary(writer, common_accuracy, time.perf_counter() - started)
+    writer.save_arrays("moe", strategy.arrays)
+    return print_summary(writer, common_accuracy, time.perf_counter() - started)
