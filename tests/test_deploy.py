@@ -388,21 +388,21 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     assert len(registered) == NUM_NODES
 
     # 5. one SuperNode per partition, each with TLS and its own key
-    def supernode_args(i: int, key: Path) -> list[str]:
+    def supernode_args(i: int, key: Path, *extra: str) -> list[str]:
         return [
             str(BIN_DIR / "flower-supernode"),
             "--root-certificates", str(ca),
             "--auth-supernode-private-key", str(key),
             "--superlink", address,
             "--node-config", f"partition-id={i}",
-            "--host", "127.0.0.1", "--port", str(_free_port()),
-            "--max-retries", "5",
+            "--host", "127.0.0.1", "--port", str(_free_port()),  # its local Runtime API
+            *extra,
         ]
 
     for i in range(NUM_NODES):
         processes.start(f"supernode-{i}", supernode_args(i, certs / "keys" / f"supernode-{i}"))
     intruder = processes.start("supernode-unregistered",
-                               supernode_args(0, certs / "keys" / f"supernode-{NUM_NODES}"))
+                               supernode_args(0, certs / "keys" / f"supernode-{NUM_NODES}", "--max-retries", "3"))
 
     def _nodes() -> list[dict]:
         result = _flwr(env, "supernode", "list", "ddome-test", "--format", "json")
