@@ -26,7 +26,7 @@ def test_every_preset_resolves():
 
 def test_preset_applies_and_explicit_override_wins(tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text("num-experts: 4\ntop-k: 1\nnum-server-rounds: 99\n")
+    preset.write_text("num-experts: 4\nanchors-per-round: 4\ntop-k: 1\nnum-server-rounds: 99\n")
     cfg = resolve({**DEFAULTS, "config-file": str(preset), "num-server-rounds": 3})
     assert (cfg["num-experts"], cfg["top-k"], cfg["num-server-rounds"]) == (4, 1, 3)
 

@@ -1,0 +1,193 @@
+"""The paper's partitions: anchors with disjoint label groups, label-skewed clients,
+and unseen test clients holding label combinations no training client has."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+PARTITION_MODES = ("grouped", "free", "dirichlet")
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """Who holds what. Partition ids ``0..M-1`` are the anchors (anchor ``i`` tied to
+    expert ``i``), ``M..S-1`` normal training clients, ``S..S+T-1`` unseen test clients."""
+
+    num_experts: int
+    num_train_clients: int
+    num_test_clients: int
+    client_labels: tuple[tuple[int, ...], ...]
+    train_indices: tuple[np.ndarray, ...]
+    eval_indices: tuple[np.ndarray, ...]
+    public_indices: np.ndarray
+
+    @property
+    def num_partitions(self) -> int:
+        """Training plus test clients."""
+        return self.num_train_clients + self.num_test_clients
+
+    def role(self, partition_id: int) -> str:
+        """``"anchor"``, ``"normal"`` or ``"test"``."""
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(f"partition-id {partition_id} is outside 0..{self.num_partitions - 1}.")
+        if partition_id < self.num_experts:
+            return "anchor"
+        return "normal" if partition_id < self.num_train_clients else "test"
+
+
+def _check(ok: bool, sentence: str) -> None:
+    if not ok:
+        raise ValueError(sentence)
+
+
+def _public_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A stratified share of the training split, held out from every client."""
+    picked = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        picked.append(members[: int(round(fraction * len(members)))])
+    return np.sort(np.concatenate(picked))
+
+
+def _draw(pools: dict[int, np.ndarray], counts: dict[int, int], rng) -> np.ndarray:
+    """``counts[label]`` distinct indices from each label's pool."""
+    parts = [rng.choice(pools[y], size=min(n, len(pools[y])), replace=False) for y, n in counts.items() if n > 0]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _even_counts(labels: tuple[int, ...], total: int) -> dict[int, int]:
+    base, extra = divmod(total, len(labels))
+    return {y: base + (i < extra) for i, y in enumerate(labels)}
+
+
+def _unseen_free_sets(taken: set, num_classes: int, size: int, count: int, rng) -> list[tuple[int, ...]]:
+    sets: list[tuple[int, ...]] = []
+    for _ in range(10_000):
+        if len(sets) == count:
+            return sets
+        candidate = tuple(sorted(rng.choice(num_classes, size=size, replace=False).tolist()))
+        if candidate not in taken and candidate not in sets:
+            sets.append(candidate)
+    raise ValueError(f"Could not find {count} unseen label combinations of {size} labels; lower num-test-clients.")
+
+
+def make_partition(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    num_classes: int,
+    num_experts: int,
+    num_train_clients: int,
+    num_test_clients: int,
+    labels_per_client: int,
+    mode: str = "grouped",
+    dirichlet_alpha: float = 0.1,
+    samples_per_client: int = 300,
+    eval_samples_per_client: int = 200,
+    public_fraction: float = 0.1,
+    seed: int = 0,
+) -> PartitionPlan:
+    """Partition a dataset the way the paper does (quantity-based label skew).
+
+    Parameters
+    ----------
+    train_labels, test_labels : np.ndarray
+        Labels of the training and test splits.
+    num_classes : int
+        Number of classes.
+    num_experts : int
+        M: the number of anchors, one per expert, each with a disjoint group of
+        ``num_classes // M`` labels.
+    num_train_clients : int
+        S: training clients, anchors included.
+    num_test_clients : int
+        T: unseen test clients; each holds all test images of its labels.
+    labels_per_client : int
+        Labels of a normal or test client (a multiple of the group size in "grouped").
+    mode : str (default: "grouped")
+        "grouped": a client's labels are a union of whole anchor groups (the paper's
+        reading); "free": labels drawn independently of the groups; "dirichlet":
+        every training client's label mix drawn from Dir(``dirichlet_alpha``).
+    dirichlet_alpha : float (default: 0.1)
+        Concentration of the Dirichlet mode.
+    samples_per_client : int (default: 300)
+        Training samples per training client, drawn from its labels; a sample may be
+        dealt to several clients, never twice to one.
+    eval_samples_per_client : int (default: 200)
+        Held-out test-split samples of its labels per training client.
+    public_fraction : float (default: 0.1)
+        Share of the training split held out from all clients (for the common expert).
+    seed : int (default: 0)
+        The partition is a function of the labels, the arguments and this seed.
+
+    Returns
+    -------
+    PartitionPlan
+        Labels and sample indices of every client and the public split.
+    """
+    _check(mode in PARTITION_MODES, f"partition-mode {mode!r} is not one of {', '.join(PARTITION_MODES)}.")
+    _check(1 <= num_experts <= num_classes, f"num-experts={num_experts} must be between 1 and the {num_classes} classes.")
+    _check(num_train_clients >= num_experts, f"num-train-clients={num_train_clients} must be at least num-experts={num_experts}.")
+    _check(num_test_clients >= 0, "num-test-clients must be non-negative.")
+    _check(1 <= labels_per_client <= num_classes, f"labels-per-client={labels_per_client} must be between 1 and {num_classes}.")
+    _check(0 <= public_fraction < 1, "public-fraction must be in [0, 1).")
+    _check(samples_per_client >= 1, "samples-per-client must be at least 1.")
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    rng = np.random.default_rng(seed)
+
+    public = _public_split(train_labels, public_fraction, rng)
+    pool = np.setdiff1d(np.arange(len(train_labels)), public)
+    train_pools = {y: pool[train_labels[pool] == y] for y in range(num_classes)}
+    test_pools = {y: np.flatnonzero(test_labels == y) for y in range(num_classes)}
+
+    group_size = num_classes // num_experts
+    shuffled = rng.permutation(num_classes)
+    groups = [tuple(sorted(shuffled[i * group_size : (i + 1) * group_size].tolist())) for i in range(num_experts)]
+    num_normal = num_train_clients - num_experts
+
+    if mode == "grouped":
+        _check(labels_per_client % group_size == 0, f"labels-per-client={labels_per_client} must be a multiple of the anchor group size {group_size} in grouped mode.")
+        per_client = labels_per_client // group_size
+        combos = list(itertools.combinations(range(num_experts), per_client))
+        combos = [combos[i] for i in rng.permutation(len(combos))]
+        _check(num_test_clients < len(combos), f"num-test-clients={num_test_clients} leaves none of the {len(combos)} group combinations for training clients; lower it or use partition-mode free.")
+        as_labels = [tuple(sorted(y for g in combo for y in groups[g])) for combo in combos]
+        test_sets = as_labels[:num_test_clients]
+        train_sets = as_labels[num_test_clients:]
+        normal_sets = [train_sets[i % len(train_sets)] for i in range(num_normal)]
+    else:
+        normal_sets = [tuple(sorted(rng.choice(num_classes, labels_per_client, replace=False).tolist())) for _ in range(num_normal)]
+        test_sets = None
+
+    train_indices, client_labels = [], []
+    if mode == "dirichlet":
+        for _ in range(num_train_clients):
+            share = rng.dirichlet(np.full(num_classes, dirichlet_alpha))
+            counts = rng.multinomial(samples_per_client, share)
+            idx = _draw(train_pools, dict(enumerate(counts.tolist())), rng)
+            train_indices.append(idx)
+            client_labels.append(tuple(sorted(set(train_labels[idx].tolist()))))
+    else:
+        for labels in [*groups, *normal_sets]:
+            train_indices.append(_draw(train_pools, _even_counts(labels, samples_per_client), rng))
+            client_labels.append(labels)
+
+    if test_sets is None:
+        # Free and Dirichlet modes: test label sets equal to no training client's set.
+        # In Dirichlet mode the test clients keep a size of labels_per_client.
+        test_sets = _unseen_free_sets(set(client_labels), num_classes, labels_per_client, num_test_clients, rng)
+
+    eval_indices = [_draw(test_pools, _even_counts(labels, eval_samples_per_client), rng) for labels in client_labels]
+    eval_indices += [np.sort(np.concatenate([test_pools[y] for y in labels])) for labels in test_sets]
+    return PartitionPlan(
+        num_experts,
+        num_train_clients,
+        num_test_clients,
+        tuple(client_labels) + tuple(test_sets),
+        tuple(train_indices),
+        tuple(eval_indices),
+        public,
+    )
