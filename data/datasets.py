@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -92,12 +93,18 @@ def _load_fashion_mnist(root: str) -> ArrayDataset:
         plain = folder / name
         if plain.exists():
             return reader(str(plain))
-        # torchvision's readers take uncompressed files: decompress into the cache.
-        target = DOWNLOAD_ROOT / "fashion-mnist" / name
+        # torchvision's readers take uncompressed files: decompress into the cache,
+        # keyed by the source file so that different data roots never mix.
+        source = folder / f"{name}.gz"
+        stat = source.stat()
+        key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = DOWNLOAD_ROOT / "fashion-mnist" / key / name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            with gzip.open(folder / f"{name}.gz", "rb") as src, target.open("wb") as dst:
+            partial = target.with_suffix(".partial")
+            with gzip.open(source, "rb") as src, partial.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
+            partial.replace(target)
         return reader(str(target))
 
     images = [read(name, read_image_file) for name in FASHION_FILES[::2]]

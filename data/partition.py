@@ -151,6 +151,8 @@ def make_partition(
     if mode == "grouped":
         _check(labels_per_client % group_size == 0, f"labels-per-client={labels_per_client} must be a multiple of the anchor group size {group_size} in grouped mode.")
         per_client = labels_per_client // group_size
+        # One group per client would give test clients exactly an anchor's labels.
+        _check(per_client >= 2, f"labels-per-client={labels_per_client} must span at least two anchor groups of {group_size} labels in grouped mode.")
         combos = list(itertools.combinations(range(num_experts), per_client))
         combos = [combos[i] for i in rng.permutation(len(combos))]
         _check(num_test_clients < len(combos), f"num-test-clients={num_test_clients} leaves none of the {len(combos)} group combinations for training clients; lower it or use partition-mode free.")

@@ -1,0 +1,125 @@
+"""The paper's partitions: disjoint anchors, unseen test combinations, determinism."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from data import PARTITION_MODES, make_partition
+
+CLASSES = 10
+TRAIN = np.repeat(np.arange(CLASSES), 100)
+TEST = np.repeat(np.arange(CLASSES), 30)
+
+
+def plan(**kw):
+    args = dict(
+        num_classes=CLASSES, num_experts=5, num_train_clients=12, num_test_clients=3,
+        labels_per_client=4, samples_per_client=60, eval_samples_per_client=20, seed=0,
+    )
+    args.update(kw)
+    return make_partition(TRAIN, TEST, **args)
+
+
+def anchor_groups(p):
+    return [set(p.client_labels[i]) for i in range(p.num_experts)]
+
+
+@pytest.mark.parametrize("mode", ["grouped", "free"])
+def test_anchor_label_groups_are_disjoint(mode):
+    groups = anchor_groups(plan(mode=mode))
+    for a, b in itertools.combinations(groups, 2):
+        assert not a & b
+    assert all(len(g) == 2 for g in groups)
+
+
+def test_grouped_clients_hold_unions_of_whole_anchor_groups():
+    p = plan()
+    groups = anchor_groups(p)
+    for labels in p.client_labels[p.num_experts :]:
+        covering = [g for g in groups if g <= set(labels)]
+        assert set().union(*covering) == set(labels) and len(covering) == 2
+
+
+@pytest.mark.parametrize("mode", PARTITION_MODES)
+def test_test_clients_hold_label_sets_no_training_client_has(mode):
+    p = plan(mode=mode)
+    train_sets = {tuple(sorted(s)) for s in p.client_labels[: p.num_train_clients]}
+    test_sets = p.client_labels[p.num_train_clients :]
+    assert len(test_sets) == 3
+    assert not train_sets & {tuple(sorted(s)) for s in test_sets}
+
+
+@pytest.mark.parametrize("mode", PARTITION_MODES)
+def test_clients_only_get_their_labels_and_never_the_public_split(mode):
+    p = plan(mode=mode)
+    public = set(p.public_indices.tolist())
+    assert len(public) == 100  # 10% of each label, stratified
+    for pid in range(p.num_train_clients):
+        idx = p.train_indices[pid]
+        assert len(idx) == len(set(idx.tolist()))  # never twice to one client
+        assert set(TRAIN[idx].tolist()) <= set(p.client_labels[pid])
+        assert not public & set(idx.tolist())
+    for pid in range(p.num_partitions):
+        assert set(TEST[p.eval_indices[pid]].tolist()) <= set(p.client_labels[pid])
+
+
+def test_test_clients_hold_all_test_images_of_their_labels():
+    p = plan()
+    for pid in range(p.num_train_clients, p.num_partitions):
+        assert len(p.eval_indices[pid]) == 30 * len(p.client_labels[pid])
+
+
+def test_roles_follow_the_partition_layout():
+    p = plan()
+    assert [p.role(i) for i in (0, 4, 5, 11, 12, 14)] == ["anchor", "anchor", "normal", "normal", "test", "test"]
+    with pytest.raises(ValueError, match="partition-id"):
+        p.role(15)
+
+
+@pytest.mark.parametrize("mode", PARTITION_MODES)
+def test_deterministic_for_a_seed_and_different_across_seeds(mode):
+    a, b, c = plan(mode=mode), plan(mode=mode), plan(mode=mode, seed=1)
+    assert a.client_labels == b.client_labels
+    assert all(np.array_equal(x, y) for x, y in zip(a.train_indices, b.train_indices))
+    assert any(not np.array_equal(x, y) for x, y in zip(a.train_indices, c.train_indices))
+
+
+def test_dirichlet_with_small_alpha_is_skewed():
+    p = plan(mode="dirichlet", dirichlet_alpha=0.1)
+    top_share = [np.bincount(TRAIN[i], minlength=CLASSES).max() / len(i) for i in p.train_indices]
+    assert np.mean(top_share) > 0.5  # a uniform mix would give ~0.1
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [
+        ({"num_experts": 11}, "num-experts"),
+        ({"num_train_clients": 4}, "num-train-clients"),
+        ({"labels_per_client": 3}, "labels-per-client"),
+        ({"labels_per_client": 2}, "labels-per-client"),
+        ({"num_test_clients": 10}, "num-test-clients"),
+        ({"mode": "iid"}, "partition-mode"),
+    ],
+)
+def test_bad_arguments_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=key):
+        plan(**kw)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    extra_clients=st.integers(0, 8),
+    test_clients=st.integers(1, 3),
+    mode=st.sampled_from(PARTITION_MODES),
+    seed=st.integers(0, 10_000),
+)
+def test_any_valid_plan_is_consistent(extra_clients, test_clients, mode, seed):
+    p = plan(num_train_clients=5 + extra_clients, num_test_clients=test_clients, mode=mode, seed=seed)
+    assert len(p.client_labels) == p.num_partitions == 5 + extra_clients + test_clients
+    assert len(p.train_indices) == p.num_train_clients
+    assert all(len(i) > 0 for i in p.train_indices)
+    train_sets = {tuple(sorted(s)) for s in p.client_labels[: p.num_train_clients]}
+    assert not train_sets & {tuple(sorted(s)) for s in p.client_labels[p.num_train_clients :]}
