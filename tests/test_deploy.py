@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -115,7 +114,7 @@ def test_compose_config_accepts_every_variant(variant: str) -> None:
     assert services["superlink"]["image"].startswith("flwr/superlink:1.41.0")
     supernodes = _supernodes(config)
     assert len(supernodes) >= 3
-    partition_ids = []
+    partition_ids, data_mounts = [], set()
     for name, svc in supernodes.items():
         command = _command(svc)
         assert "--node-config" in command and "data-root='/data'" in command, name
@@ -124,10 +123,10 @@ def test_compose_config_accepts_every_variant(variant: str) -> None:
         # each SuperNode has a SuperExec that runs its ClientApps and holds its own data
         executor = services[f"superexec-clientapp-{partition_ids[-1]}"]
         assert f"{name}:9094" in _command(executor)
-        data = [v for v in executor["volumes"] if str(v).endswith(":/data:ro") or "/data" in str(v)]
-        assert data, f"{name} has no data volume"
+        data = [str(v).split(":")[0] for v in executor["volumes"] if ":/data" in str(v)]
+        assert len(data) == 1, f"{name} has no data volume"
+        data_mounts.add(data[0])
     assert sorted(partition_ids) == list(range(len(supernodes)))
-    data_mounts = {str(services[f"superexec-clientapp-{i}"]["volumes"][0]) for i in partition_ids}
     assert len(data_mounts) == len(partition_ids), "every node needs its own data folder"
     assert any("outputs" in str(v) for v in services["superexec-serverapp"]["volumes"])
 
@@ -463,12 +462,15 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     assert len(metrics) == 1, f"no metrics.jsonl under {outputs}: {sorted(outputs.rglob('*'))}"
     run_dir = metrics[0].parent
     records = [json.loads(line) for line in metrics[0].read_text().splitlines() if line.strip()]
-    rounds = {r.get("round") for r in records if isinstance(r.get("round"), int)}
-    assert set(range(1, ROUNDS + 1)) <= rounds, records
+    trained = {r.get("round") for r in records if r.get("stage") == "train"}
+    assert trained == set(range(1, ROUNDS + 1)), records
+    assert any(r.get("stage") == "evaluate" and r.get("round") == ROUNDS for r in records), records
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
     assert "moe.pt" in checkpoints and "common_expert.pt" in checkpoints, checkpoints
     assert (run_dir / "summary.json").is_file()
     assert any(cache.rglob("*")), "the common expert was not cached in cache-dir"
-    # the SuperLink is still serving and every registered SuperNode took part
+    # the SuperLink is still serving, and every registered SuperNode ran ClientApps
     assert superlink.poll() is None
-    assert re.search(r"round|Round|ROUND", run_log.stdout + "".join(str(r) for r in records))
+    for i in range(NUM_NODES):
+        assert "Receiving:" in processes.log(f"supernode-{i}", tail=10**7), f"supernode-{i} got no message"
+
