@@ -6,6 +6,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app import baselines
 from client_app.task import (
     build_expert,
     build_local_gate,
@@ -84,6 +85,8 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the gate and the received experts on the local data."""
+    if message.content[CONFIG][TASK] == baselines.TRAIN_SINGLE:
+        return baselines.train_single(message, context)
     cfg, data, cached = _local(message, context)
     gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
     anchor = int(cfg["experts"][0]) if cfg["role"] == ANCHOR else None
@@ -105,6 +108,8 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Zero-shot evaluation with the gate and the K experts the server sent."""
+    if message.content[CONFIG][TASK] in baselines.TASKS:
+        return baselines.evaluate(message, context)
     cfg, data, cached = _local(message, context)
     gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
     metrics = evaluate_zero_shot(gate, experts, data, cached["eval"], cached["common-expert-pred"])

@@ -56,6 +56,28 @@ def build_moe(cfg: dict, dataset, common) -> ArrayRecord:
     return pack_moe(gate, experts)
 
 
+def build_strategy(cfg: dict, common, on_metrics=None, cls: type[DDOME] = DDOME, **overrides) -> DDOME:
+    """The DDOME strategy (or subclass ``cls``) as configured; ``overrides`` replace
+    constructor arguments."""
+    options = dict(
+        top_k=cfg["top-k"],
+        anchors_per_round=cfg["anchors-per-round"],
+        normal_per_round=cfg["normal-per-round"],
+        common_expert=ArrayRecord(common.state_dict()),
+        client_config=client_config(cfg),
+        eval_every=cfg["eval-every"],
+        eval_train_clients=cfg["eval-train-clients"],
+        min_train_replies=cfg["min-train-replies"],
+        min_nodes=cfg["num-train-clients"] + cfg["num-test-clients"],
+        timeout=cfg["round-timeout"],
+        seed=cfg["seed"],
+        on_metrics=on_metrics,
+    )
+    options.update(overrides)
+    role_of = options.pop("role_of", layout_roles(cfg["num-experts"], cfg["num-train-clients"]))
+    return cls(cfg["num-experts"], role_of, **options)
+
+
 def print_summary(writer: RunWriter, common_accuracy: float, seconds: float) -> dict:
     """Print the final zero-shot figures next to the common expert's."""
     evaluations = [row for row in writer.history if row["stage"] == "evaluate"]
@@ -122,23 +144,8 @@ def run_ddome(grid: Grid, run_config: dict) -> dict:
     def on_metrics(server_round: int, stage: str, metrics: dict, arrays: ArrayRecord) -> None:
         writer.log(server_round, stage, metrics)
 
-    strategy = DDOME(
-        cfg["num-experts"],
-        layout_roles(cfg["num-experts"], cfg["num-train-clients"]),
-        top_k=cfg["top-k"],
-        anchors_per_round=cfg["anchors-per-round"],
-        normal_per_round=cfg["normal-per-round"],
-        common_expert=ArrayRecord(common.state_dict()),
-        client_config=client_config(cfg),
-        eval_every=cfg["eval-every"],
-        eval_train_clients=cfg["eval-train-clients"],
-        min_train_replies=cfg["min-train-replies"],
-        min_nodes=cfg["num-train-clients"] + cfg["num-test-clients"],
-        timeout=cfg["round-timeout"],
-        seed=cfg["seed"],
-        on_metrics=on_metrics,
-    )
-    result = strategy.start(
+    strategy = build_strategy(cfg, common, on_metrics)
+    strategy.start(
         grid, build_moe(cfg, dataset, common), num_rounds=cfg["num-server-rounds"], timeout=cfg["round-timeout"]
     )
     writer.save_arrays("moe", strategy.arrays)

@@ -1,0 +1,1 @@
+"""Benchmarks: the paper's comparison (compare.py) and speed and scale (perf.py)."""

@@ -1,0 +1,112 @@
+"""The benchmark's outputs: a Markdown table and PNG plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: write files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from client_app.task import build_local_gate, embed  # noqa: E402
+from data import make_partition  # noqa: E402
+from data.settings import partition_settings  # noqa: E402
+from ddome_strategy.arrays import GATE_PREFIX, load_part  # noqa: E402
+
+NAMES = {
+    "ddome": "DDOME",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedmix": "FedMix",
+    "avg-ensembles": "Avg-Ensembles",
+    "common-expert": "Common expert alone",
+}
+
+
+@torch.no_grad()
+def routing_matrix(cfg: dict, dataset, common, arrays) -> dict:
+    """Mean gate probabilities per client (rows) and expert (columns), from each
+    client's own data: the routing a client would report."""
+    plan = make_partition(dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **partition_settings(cfg))
+    gate = build_local_gate(cfg, common.feature_dim)
+    load_part(gate, arrays, GATE_PREFIX)
+    rows, labels = [], []
+    for pid in range(plan.num_partitions):
+        role = plan.role(pid)
+        x = dataset.train_x[plan.train_indices[pid]] if role != "test" else dataset.test_x[plan.eval_indices[pid]]
+        rows.append(torch.softmax(gate(embed(common, x)), 1).mean(0).tolist())
+        name = f"anchor {pid}" if role == "anchor" else ("unseen" if role == "test" else "client") + f" {pid}"
+        labels.append(f"{name} {list(plan.client_labels[pid])}")
+    return {"matrix": rows, "clients": labels}
+
+
+def _fmt(value, percent=True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}" if percent else f"{value:.1f}"
+
+
+def table(results: list[dict]) -> str:
+    """One row per method: mean (and per seed) over the seeds run."""
+    by_method = defaultdict(list)
+    for r in results:
+        by_method[r["method"]].append(r)
+    lines = [
+        "| method | zero-shot acc. on unseen clients (%) | acc. on training clients (%) | MB sent per round | wall time (s) | per seed (zero-shot %) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, runs in by_method.items():
+        mean = lambda key: float(np.mean([r[key] for r in runs])) if all(r[key] is not None for r in runs) else None  # noqa: E731
+        seeds = ", ".join(f"{r['seed']}: {_fmt(r['zero-shot-acc'])}" for r in runs)
+        lines.append(
+            f"| {NAMES[method]} | {_fmt(mean('zero-shot-acc'))} | {_fmt(mean('train-clients-acc'))} | "
+            f"{mean('bytes-per-round') / 1e6:.2f} | {_fmt(mean('wall-seconds'), False)} | {seeds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(results: list[dict], path: Path) -> None:
+    """Zero-shot accuracy on the unseen clients per round, one line per method and seed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        points = [(h["round"], h.get("test/zero-shot-acc")) for h in r["history"] if h.get("test/zero-shot-acc") is not None]
+        if r["method"] == "common-expert":
+            ax.axhline(100 * points[-1][1], ls="--", color="gray", label=f"{NAMES[r['method']]} (seed {r['seed']})")
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=f"{NAMES[r['method']]} (seed {r['seed']})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("zero-shot accuracy on unseen clients (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_routing(routing: dict, path: Path) -> None:
+    """Heatmap: which experts the gate picks for which clients (label groups)."""
+    matrix = np.asarray(routing["matrix"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * matrix.shape[1], 1 + 0.28 * matrix.shape[0]))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), [f"expert {i}" for i in range(matrix.shape[1])], rotation=45, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), routing["clients"], fontsize=7)
+    ax.set_title("DDOME gate: mean routing probability per client")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: list[dict], config: dict, command: str) -> None:
+    """Write ``table.md``, ``accuracy.png`` and ``routing-seed<s>.png`` into ``out``."""
+    header = f"Command: `{command}`\n\nDataset {config['dataset']}, {config['num-server-rounds']} rounds, M={config['num-experts']}, K={config['top-k']}, partition {config['partition-mode']}.\n\n"
+    (out / "table.md").write_text(header + table(results))
+    plot_accuracy(results, out / "accuracy.png")
+    for r in results:
+        if "routing" in r:
+            plot_routing(r["routing"], out / f"routing-seed{r['seed']}.png")

@@ -1,0 +1,69 @@
+"""Client side of the baselines: one model (FedAvg, FedProx, common expert) or an
+average ensemble of the M experts. Same data, same optimiser settings as DDOME."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from client_app.task import _batches, build_expert, load_local_data, predict
+from ddome_strategy.arrays import expert_prefix, experts_in, load_part, pack_part
+from ddome_strategy.models import pick_device
+from ddome_strategy.strategy import ARRAYS, CONFIG, METRICS, TASK
+
+TRAIN_SINGLE = "train-single"
+EVALUATE_SINGLE = "evaluate-single"
+EVALUATE_ENSEMBLE = "evaluate-ensemble"
+TASKS = (TRAIN_SINGLE, EVALUATE_SINGLE, EVALUATE_ENSEMBLE)
+
+
+def _data(message: Message, context: Context):
+    cfg = message.content[CONFIG]
+    data_root = str(context.node_config.get("data-root", cfg["data-root"]))
+    return cfg, load_local_data(cfg, int(context.node_config["partition-id"]), data_root)
+
+
+def train_single(message: Message, context: Context) -> Message:
+    """FedAvg / FedProx local training of one model; FedProx sends ``proximal-mu``."""
+    cfg, data = _data(message, context)
+    model = build_expert(cfg, data)
+    load_part(model, message.content[ARRAYS], "")
+    device = pick_device()
+    model.to(device).train()
+    global_params = [p.detach().clone() for p in model.parameters()]
+    mu = float(cfg.get("proximal-mu", 0.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]), momentum=float(cfg["momentum"]))
+    seed = int(cfg["seed"]) * 100_003 + int(cfg["server-round"]) * 1009 + int(context.node_config["partition-id"])
+    losses = []
+    for epoch in range(int(cfg["local-epochs"])):
+        for idx in _batches(len(data.train_y), int(cfg["batch-size"]), seed + epoch):
+            loss = F.cross_entropy(model(data.train_x[idx].to(device)), data.train_y[idx].to(device))
+            if mu > 0:
+                loss = loss + mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    metrics = {"num-examples": len(data.train_y), "train-loss": sum(losses) / max(len(losses), 1)}
+    reply = RecordDict({ARRAYS: ArrayRecord(pack_part(model, "")), METRICS: MetricRecord(metrics)})
+    return Message(reply, reply_to=message)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    """Accuracy of one model, or of the average of all experts' probabilities."""
+    cfg, data = _data(message, context)
+    arrays = message.content[ARRAYS]
+    if cfg[TASK] == EVALUATE_SINGLE:
+        model = build_expert(cfg, data)
+        load_part(model, arrays, "")
+        probs = torch.softmax(predict(model, data.eval_x), 1)
+    else:
+        probs = 0
+        for e in experts_in(arrays):
+            expert = build_expert(cfg, data)
+            load_part(expert, arrays, expert_prefix(e))
+            probs = probs + torch.softmax(predict(expert, data.eval_x), 1)
+    accuracy = float((probs.argmax(1) == data.eval_y).float().mean())
+    metrics = {"zero-shot-acc": accuracy, "num-examples": len(data.eval_y)}
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
