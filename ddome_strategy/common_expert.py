@@ -141,5 +141,9 @@ def load_or_pretrain(
 def save_atomically(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a crash leaves no half file."""
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
     os.replace(tmp.name, path)

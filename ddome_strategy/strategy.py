@@ -154,6 +154,7 @@ class DDOME(Strategy):
         self.on_metrics = on_metrics
         self.rng = np.random.default_rng(seed)
         self.num_rounds = 0
+        self.round_offset = 0
         self.clients: dict[int, _Client] = {}
         self.has_common_expert: set[int] = set()
         self.arrays = ArrayRecord()
@@ -173,11 +174,40 @@ class DDOME(Strategy):
         )
         log(INFO, "\t└── evaluate every %d rounds", self.eval_every)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw) -> Result:  # type: ignore[override]
-        """Run DDOME for ``num_rounds`` (see :meth:`Strategy.start`)."""
+    def start(  # type: ignore[override]
+        self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *, first_round: int = 1, **kwargs
+    ) -> Result:
+        """Run rounds ``first_round..num_rounds`` (see :meth:`Strategy.start`).
+
+        ``first_round > 1`` resumes a run: round numbers (which seed the clients' local
+        shuffling and decide when to evaluate) continue where the run stopped. Callbacks
+        (``on_metrics``, ``evaluate_fn``) see the true round numbers; Flower's ``Result``
+        counts from 1.
+        """
+        self.round_offset = first_round - 1
         self.num_rounds = num_rounds
         self.arrays = initial_arrays
-        return super().start(grid, initial_arrays, num_rounds, **kw)
+        evaluate_fn = kwargs.pop("evaluate_fn", None)
+        if evaluate_fn is not None:
+            offset = self.round_offset
+            kwargs["evaluate_fn"] = lambda server_round, arrays: evaluate_fn(server_round + offset, arrays)
+        return super().start(grid, initial_arrays, num_rounds - self.round_offset, **kwargs)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume this strategy exactly.
+
+        Returns
+        -------
+        dict
+            The client-sampling RNG state (plain ints and strings, safe for
+            ``torch.load(weights_only=True)``).
+        """
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. Clients are re-discovered and are sent the common
+        expert again (a restarted server cannot know what they kept)."""
+        self.rng.bit_generator.state = state["rng"]
 
     def _message(
         self, node_id: int, arrays: ArrayRecord, config: dict, message_type: str
@@ -306,6 +336,7 @@ class DDOME(Strategy):
             One message per sampled client: the gate plus its own expert (anchors) or
             its top-K experts (normal clients).
         """
+        server_round += self.round_offset
         self.arrays = arrays
         self.traffic = _RoundTraffic()
         self.sent = {}
@@ -338,6 +369,7 @@ class DDOME(Strategy):
             The new global arrays (``None`` if fewer than ``min_train_replies`` valid
             replies arrived, so the round is skipped) and the round's metrics.
         """
+        server_round += self.round_offset
         updates, losses, weights, anchor_acc = [], [], [], []
         for reply in self._good_replies(replies, "train"):
             node = reply.metadata.src_node_id
@@ -402,6 +434,7 @@ class DDOME(Strategy):
         Iterable[Message]
             One message per routed client with the gate and its top-K experts.
         """
+        server_round += self.round_offset
         if server_round % self.eval_every and server_round != self.num_rounds:
             return []
         self.arrays = arrays
@@ -431,6 +464,7 @@ class DDOME(Strategy):
             ``test/<metric>`` (unseen clients, the zero-shot figures) and
             ``train/<metric>`` means over clients, or ``None`` if nothing arrived.
         """
+        server_round += self.round_offset
         per_group: dict[str, dict[str, list[float]]] = {}
         for reply in self._good_replies(replies, "evaluate"):
             client = self.clients.get(reply.metadata.src_node_id)

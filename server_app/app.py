@@ -6,8 +6,10 @@ import copy
 import logging
 import time
 from logging import INFO
+from pathlib import Path
 
 import torch
+import yaml
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -17,7 +19,8 @@ from data.settings import partition_settings
 from ddome_strategy import DDOME, layout_roles, pack_moe
 from ddome_strategy.common_expert import load_or_pretrain
 from ddome_strategy.models import build_gate, build_model
-from server_app.config import client_config, resolve
+from server_app.checkpoint import load_checkpoint, save_checkpoint
+from server_app.config import ConfigError, client_config, resolve
 from server_app.results import RunWriter
 
 app = ServerApp()
@@ -136,8 +139,15 @@ def run_ddome(grid: Grid, run_config: dict) -> dict:
     logging.getLogger("ddome_strategy").setLevel(logging.INFO)
     started = time.perf_counter()
     cfg = resolve(run_config)
-    writer = RunWriter(cfg["output-dir"], cfg)
-    log(INFO, "DDOME run: results go to %s", writer.path)
+    done, arrays, strategy_state, run_dir = 0, None, None, None
+    if cfg["resume"]:
+        done, arrays, strategy_state, run_dir = resume_point(cfg)
+    writer = RunWriter(cfg["output-dir"], cfg, run_dir)
+    if run_dir is not None:
+        writer.keep_rounds_up_to(done)
+        log(INFO, "DDOME run: resuming %s after round %d", writer.path, done)
+    else:
+        log(INFO, "DDOME run: results go to %s", writer.path)
     dataset, common, common_accuracy = build_common_expert(cfg)
     writer.save_arrays("common_expert", ArrayRecord(common.state_dict()))
 
@@ -145,8 +155,40 @@ def run_ddome(grid: Grid, run_config: dict) -> dict:
         writer.log(server_round, stage, metrics)
 
     strategy = build_strategy(cfg, common, on_metrics)
-    strategy.start(
-        grid, build_moe(cfg, dataset, common), num_rounds=cfg["num-server-rounds"], timeout=cfg["round-timeout"]
-    )
+    if strategy_state is not None:
+        strategy.load_state_dict(strategy_state)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        # Called by Strategy.start after every round's evaluation: the round is complete.
+        save_checkpoint(writer.path, server_round, arrays, strategy.state_dict())
+
+    strategy.arrays = arrays if arrays is not None else build_moe(cfg, dataset, common)
+    if done < cfg["num-server-rounds"]:
+        strategy.start(
+            grid,
+            strategy.arrays,
+            num_rounds=cfg["num-server-rounds"],
+            first_round=done + 1,
+            timeout=cfg["round-timeout"],
+            evaluate_fn=checkpoint,
+        )
     writer.save_arrays("moe", strategy.arrays)
     return print_summary(writer, common_accuracy, time.perf_counter() - started)
+
+
+# Keys a resumed run may change; any other difference would make it a different run.
+RESUMABLE_CHANGES = {"resume", "num-server-rounds", "round-timeout", "output-dir", "cache-dir", "config-file", "data-root"}
+
+
+def resume_point(cfg: dict):
+    """Load the checkpoint named by ``resume`` and check the run's configuration matches."""
+    done, arrays, strategy_state = load_checkpoint(cfg["resume"])
+    path = Path(cfg["resume"]).expanduser()
+    run_dir = path if path.is_dir() else path.parent.parent
+    saved_file = run_dir / "config.yaml"
+    if saved_file.is_file():
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+        for key, value in cfg.items():
+            if key not in RESUMABLE_CHANGES and saved.get(key) != value:
+                raise ConfigError(f"resume: {key}={value!r} differs from the interrupted run's {saved.get(key)!r}.")
+    return done, arrays, strategy_state, run_dir

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output-dir": "outputs",
     "cache-dir": "~/.cache/ddome",
+    "resume": "",
 }
 
 EXPERT_INITS = ("common", "random")
@@ -144,6 +145,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(sentence + ".")
+    if cfg["resume"] and not Path(cfg["resume"]).expanduser().exists():
+        raise ConfigError(f"resume {cfg['resume']!r} does not exist.")
     if cfg["data-root"] and not Path(cfg["data-root"]).expanduser().exists():
         raise ConfigError(f"data-root {cfg['data-root']!r} does not exist.")
 

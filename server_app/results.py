@@ -29,18 +29,30 @@ class RunWriter:
     that was already reported.
     """
 
-    def __init__(self, output_dir: str, cfg: dict[str, Any]) -> None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.path = Path(output_dir).expanduser().resolve() / f"{stamp}-{cfg['dataset']}-seed{cfg['seed']}"
-        suffix = 1
-        while self.path.exists():
-            self.path = self.path.with_name(f"{self.path.name}-{suffix}")
-            suffix += 1
-        (self.path / "checkpoints").mkdir(parents=True)
+    def __init__(self, output_dir: str, cfg: dict[str, Any], run_dir: str | Path | None = None) -> None:
+        if run_dir is not None:  # resuming: keep writing into the interrupted run's folder
+            self.path = Path(run_dir).expanduser().resolve()
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.path = Path(output_dir).expanduser().resolve() / f"{stamp}-{cfg['dataset']}-seed{cfg['seed']}"
+            suffix = 1
+            while self.path.exists():
+                self.path = self.path.with_name(f"{self.path.name}-{suffix}")
+                suffix += 1
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         with (self.path / "config.yaml").open("w", encoding="utf-8") as handle:
             yaml.safe_dump(cfg, handle, sort_keys=True)
         self.metrics_file = self.path / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
+
+    def keep_rounds_up_to(self, last_round: int) -> None:
+        """On resume: keep the metrics of the checkpointed rounds, drop any later ones
+        (written after the last checkpoint, before the interruption)."""
+        if not self.metrics_file.exists():
+            return
+        rows = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self.history = [row for row in rows if row["round"] <= last_round]
+        self.metrics_file.write_text("".join(json.dumps(row) + "\n" for row in self.history), encoding="utf-8")
 
     def log(self, server_round: int, stage: str, metrics: dict[str, Any]) -> None:
         """Append one line ``{"round", "stage", **metrics}`` to ``metrics.jsonl``."""
