@@ -13,14 +13,18 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 
+def ensure_task_identity() -> None:
+    """Messages can only be built inside a Flower runtime unless these ids are set."""
+    for attr in ("task_id", "run_id", "node_id"):
+        if getattr(TaskIdentity, f"_{attr}") is None:
+            setattr(TaskIdentity, attr, 1)
+
+
 class InProcessGrid:
     """Nodes ``1000 + partition_id`` each running ``client_app`` with its own state."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, node_config: dict | None = None) -> None:
-        # Messages can only be built inside a Flower runtime unless these ids are set.
-        for attr in ("task_id", "run_id", "node_id"):
-            if getattr(TaskIdentity, f"_{attr}") is None:
-                setattr(TaskIdentity, attr, 1)
+        ensure_task_identity()
         self.client_app = client_app
         self.contexts = {
             1000 + pid: Context(

@@ -55,8 +55,8 @@ class RunWriter:
         self.metrics_file.write_text("".join(json.dumps(row) + "\n" for row in self.history), encoding="utf-8")
 
     def log(self, server_round: int, stage: str, metrics: dict[str, Any]) -> None:
-        """Append one line ``{"round", "stage", **metrics}`` to ``metrics.jsonl``."""
-        row = {"round": server_round, "stage": stage, **{k: _jsonable(v) for k, v in metrics.items()}}
+        """Append one line ``{"round", "stage", "time", **metrics}`` to ``metrics.jsonl``."""
+        row = {"round": server_round, "stage": stage, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
         self.history.append(row)
         with self.metrics_file.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -1,0 +1,29 @@
+"""Work that must happen once per client, never per round."""
+
+from client_app import app as client_module
+from client_app import task
+from client_app.app import app as client_app
+from server_app.app import run_ddome
+from server_app.config import DEFAULTS
+from server_app.inprocess import InProcessGrid
+
+
+def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch):
+    calls = []
+    real_embed = client_module.embed
+
+    def counting_embed(model, x, *args, **kwargs):
+        calls.append(len(x))
+        return real_embed(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(client_module, "embed", counting_embed)
+    task._plan.cache_clear()
+    config = {**DEFAULTS, "config-file": "configs/digits-tiny.yaml", "num-server-rounds": 6, "eval-every": 2,
+              "output-dir": str(tmp_path), "cache-dir": str(tmp_path / "cache")}
+    run_ddome(InProcessGrid(client_app, 13), config)
+    # Each of the 13 clients embeds its training and its evaluation data exactly once,
+    # although most of them took part in 6 training rounds and 3 evaluations.
+    assert len(calls) == 2 * 13
+    # The dataset is loaded and partitioned once for the whole process.
+    assert task._plan.cache_info().misses == 1
+    assert task._plan.cache_info().hits > 13
