@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from benchmarks.report import routing_matrix, write_report
 from client_app import baselines
 from client_app.app import app as client_app
-from ddome_strategy.strategy import CONFIG, METRICS, NORMAL, TASK, TEST, DDOME
+from ddome_strategy.strategy import CONFIG, DDOME, METRICS, NORMAL, TASK, TEST
 from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid
@@ -77,13 +77,18 @@ def _mean_by_group(replies: list[Message], groups: dict[int, str]) -> dict[str, 
     by_group: dict[str, list[float]] = {}
     for reply in replies:
         if not reply.has_error():
-            by_group.setdefault(groups[reply.metadata.src_node_id], []).append(float(reply.content[METRICS]["zero-shot-acc"]))
+            by_group.setdefault(groups[reply.metadata.src_node_id], []).append(
+                float(reply.content[METRICS]["zero-shot-acc"])
+            )
     return {f"{g}/zero-shot-acc": float(np.mean(v)) for g, v in by_group.items()}
 
 
 def _evaluator(grid: InProcessGrid, cfg: dict, task: str, every: int, last: int, history: list):
     """An ``evaluate_fn`` that sends ``arrays`` to every client for ``task``."""
-    groups = {node: "test" if ctx.node_config["partition-id"] >= cfg["num-train-clients"] else "train" for node, ctx in grid.contexts.items()}
+    groups = {
+        node: "test" if ctx.node_config["partition-id"] >= cfg["num-train-clients"] else "train"
+        for node, ctx in grid.contexts.items()
+    }
     if not cfg["eval-train-clients"]:
         groups = {n: g for n, g in groups.items() if g == "test"}
     config = ConfigRecord({**client_config(cfg), TASK: task})
@@ -91,7 +96,10 @@ def _evaluator(grid: InProcessGrid, cfg: dict, task: str, every: int, last: int,
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 or (server_round % every and server_round != last):
             return None
-        messages = [Message(RecordDict({"arrays": arrays, CONFIG: config}), dst_node_id=n, message_type=MessageType.EVALUATE) for n in groups]
+        messages = [
+            Message(RecordDict({"arrays": arrays, CONFIG: config}), dst_node_id=n, message_type=MessageType.EVALUATE)
+            for n in groups
+        ]
         metrics = _mean_by_group(list(grid.send_and_receive(messages)), groups)
         history.append({"round": server_round, **metrics})
         return MetricRecord(metrics)
@@ -120,7 +128,9 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
     if method in ("ddome", "fedmix", "avg-ensembles"):
         options = {}
         if method == "fedmix":
-            options = dict(role_of=_partition_roles(cfg), top_k=cfg["num-experts"], anchors_per_round=0, normal_per_round=per_round)
+            options = dict(
+                role_of=_partition_roles(cfg), top_k=cfg["num-experts"], anchors_per_round=0, normal_per_round=per_round
+            )
         if method == "avg-ensembles":
             options = dict(role_of=_partition_roles(cfg), top_k=1, anchors_per_round=0, normal_per_round=per_round)
         cls = RandomExpertEnsemble if method == "avg-ensembles" else DDOME
@@ -131,9 +141,13 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         strategy.start(grid, build_moe(cfg, dataset, common), num_rounds=rounds, evaluate_fn=evaluate_fn)
         bytes_per_round = float(np.mean(train_bytes))
     elif method in ("fedavg", "fedprox"):
-        counting = CountingGrid(grid, [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]])
+        counting = CountingGrid(
+            grid, [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]]
+        )
         fraction = per_round / cfg["num-train-clients"]
-        kwargs = dict(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=per_round, min_available_nodes=per_round)
+        kwargs = dict(
+            fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=per_round, min_available_nodes=per_round
+        )
         strategy = FedProx(proximal_mu=cfg["fedprox-mu"], **kwargs) if method == "fedprox" else FedAvg(**kwargs)
         train_config = ConfigRecord({**client_config(cfg), TASK: baselines.TRAIN_SINGLE})
         evaluate_fn = _evaluator(grid, cfg, baselines.EVALUATE_SINGLE, cfg["eval-every"], rounds, history)
@@ -143,7 +157,13 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
                 progress(f"{method}: round {server_round}/{rounds}")
             return evaluate_fn(server_round, arrays)
 
-        strategy.start(counting, ArrayRecord(common.state_dict()), num_rounds=rounds, train_config=train_config, evaluate_fn=progress_fn)
+        strategy.start(
+            counting,
+            ArrayRecord(common.state_dict()),
+            num_rounds=rounds,
+            train_config=train_config,
+            evaluate_fn=progress_fn,
+        )
         bytes_per_round = counting.train_bytes / rounds
     else:  # the common expert alone: no training, no traffic
         _evaluator(grid, cfg, baselines.EVALUATE_SINGLE, 1, 1, history)(1, ArrayRecord(common.state_dict()))
@@ -166,9 +186,13 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="", help="YAML preset of run-config keys (as the app's config-file)")
-    parser.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides (YAML values)")
+    parser.add_argument(
+        "--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides (YAML values)"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each gets its own partition and common expert")
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated seeds; each gets its own partition and common expert"
+    )
     parser.add_argument("--fedprox-mu", type=float, default=0.01, help="FedProx's proximal term")
     parser.add_argument("--out", default="", help="output folder (default outputs/benchmark-<time>)")
     return parser.parse_args(argv)
@@ -202,10 +226,18 @@ def main(argv=None) -> Path:
             result = run_method(method, cfg, dataset, common, lambda line: print(f"  [seed {seed}] {line}", flush=True))
             result["seed"] = seed
             results.append(result)
-            print(f"[seed {seed}] {method}: zero-shot {result['zero-shot-acc']:.4f} ({result['wall-seconds']:.1f} s)", flush=True)
+            print(
+                f"[seed {seed}] {method}: zero-shot {result['zero-shot-acc']:.4f} ({result['wall-seconds']:.1f} s)",
+                flush=True,
+            )
     config = {k: v for k, v in cfg.items() if k != "seed"}
     (out / "results.json").write_text(json.dumps({"config": config, "results": results}, indent=2))
-    write_report(out, results, config, " ".join(["python -m benchmarks.compare", *(argv if argv is not None else __import__("sys").argv[1:])]))
+    write_report(
+        out,
+        results,
+        config,
+        " ".join(["python -m benchmarks.compare", *(argv if argv is not None else __import__("sys").argv[1:])]),
+    )
     print((out / "table.md").read_text())
     return out
 

@@ -125,9 +125,16 @@ def fedavg_in_process(cfg: dict) -> list[float]:
 
     _, common, _ = build_common_expert(cfg)
     grid = InProcessGrid(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
-    training = CountingGrid(grid, [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]])
+    training = CountingGrid(
+        grid, [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]]
+    )
     per_round = cfg["anchors-per-round"] + cfg["normal-per-round"]
-    strategy = FedAvg(fraction_train=per_round / cfg["num-train-clients"], fraction_evaluate=0.0, min_train_nodes=per_round, min_available_nodes=per_round)
+    strategy = FedAvg(
+        fraction_train=per_round / cfg["num-train-clients"],
+        fraction_evaluate=0.0,
+        min_train_nodes=per_round,
+        min_available_nodes=per_round,
+    )
     stamps = []
     strategy.start(
         training,
@@ -216,7 +223,12 @@ def bytes_per_round(num_experts: int, fedmix: bool, cfg: dict) -> float:
     experts = [build_model("mlp", (1, 28, 28), 10, cfg["mlp-hidden"]) for _ in range(num_experts)]
     num_train = num_experts + 10
     if fedmix:
-        options = dict(role_of=lambda pid: ("normal", -1) if pid < num_train else ("test", -1), top_k=num_experts, anchors_per_round=0, normal_per_round=10)
+        options = dict(
+            role_of=lambda pid: ("normal", -1) if pid < num_train else ("test", -1),
+            top_k=num_experts,
+            anchors_per_round=0,
+            normal_per_round=10,
+        )
     else:
         options = dict(role_of=layout_roles(num_experts, num_train), top_k=2, anchors_per_round=5, normal_per_round=5)
     strategy = DDOME(num_experts, eval_every=100, eval_train_clients=False, **options)
@@ -230,7 +242,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds per timing run (the first is excluded)")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {open('/proc/loadavg').read().split()[:3]}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {open('/proc/loadavg').read().split()[:3]}"
+    )
     if "rounds" in sections:
         for preset in PRESETS:
             cfg = config(preset, args.rounds)
@@ -252,7 +266,9 @@ def main(argv=None) -> None:
     if "bytes" in sections:
         print("\n[bytes] MB per round (training traffic, K=2, MLP experts, 5 + 5 clients)")
         for m in (5, 10, 20, 40):
-            print(f"  M={m:3d}  DDOME {bytes_per_round(m, False, DEFAULTS) / 1e6:8.2f}   FedMix {bytes_per_round(m, True, DEFAULTS) / 1e6:8.2f}")
+            print(
+                f"  M={m:3d}  DDOME {bytes_per_round(m, False, DEFAULTS) / 1e6:8.2f}   FedMix {bytes_per_round(m, True, DEFAULTS) / 1e6:8.2f}"
+            )
     if "scale" in sections:
         print("\n[scale] 10 clients per round, in-process grid")
         for clients in (100, 1000):
@@ -260,7 +276,9 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             times = ddome_in_process(cfg)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"  {clients:5d} clients: {np.median(times):.3f} s per round, whole run {time.perf_counter() - started:.1f} s, peak RSS so far {peak:.0f} MB")
+            print(
+                f"  {clients:5d} clients: {np.median(times):.3f} s per round, whole run {time.perf_counter() - started:.1f} s, peak RSS so far {peak:.0f} MB"
+            )
 
 
 if __name__ == "__main__":

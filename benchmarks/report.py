@@ -31,7 +31,9 @@ NAMES = {
 def routing_matrix(cfg: dict, dataset, common, arrays) -> dict:
     """Mean gate probabilities per client (rows) and expert (columns), from each
     client's own data: the routing a client would report."""
-    plan = make_partition(dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **partition_settings(cfg))
+    plan = make_partition(
+        dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **partition_settings(cfg)
+    )
     gate = build_local_gate(cfg, common.feature_dim)
     load_part(gate, arrays, GATE_PREFIX)
     rows, labels = [], []
@@ -73,7 +75,9 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
     """Zero-shot accuracy on the unseen clients per round, one line per method and seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
-        points = [(h["round"], h.get("test/zero-shot-acc")) for h in r["history"] if h.get("test/zero-shot-acc") is not None]
+        points = [
+            (h["round"], h.get("test/zero-shot-acc")) for h in r["history"] if h.get("test/zero-shot-acc") is not None
+        ]
         if r["method"] == "common-expert":
             ax.axhline(100 * points[-1][1], ls="--", color="gray", label=f"{NAMES[r['method']]} (seed {r['seed']})")
             continue

@@ -95,9 +95,7 @@ def train(message: Message, context: Context) -> Message:
         predicted = torch.softmax(predict(gate, cached["train"]), 1).argmax(1)
         metrics["routing-acc"] = float((predicted == anchor).float().mean())
     seed = int(cfg["seed"]) * 100_003 + int(cfg["server-round"]) * 1009 + _partition_id(context)
-    metrics["train-loss"] = train_local(
-        cfg, gate, experts, data.train_x, cached["train"], data.train_y, anchor, seed
-    )
+    metrics["train-loss"] = train_local(cfg, gate, experts, data.train_x, cached["train"], data.train_y, anchor, seed)
     arrays = pack_part(gate, GATE_PREFIX)
     for e, expert in experts.items():
         arrays.update(pack_part(expert, expert_prefix(e)))

@@ -12,8 +12,8 @@ from torch import nn
 
 from data import load_dataset, make_partition
 from data.settings import partition_settings
-from ddome_strategy.moe import anchor_loss, mixture_loss, routing_error, zero_shot_predictions
 from ddome_strategy.models import Classifier, build_gate, build_model, pick_device
+from ddome_strategy.moe import anchor_loss, mixture_loss, routing_error, zero_shot_predictions
 
 if "OMP_NUM_THREADS" not in os.environ:
     # Simulated clients share the machine's cores, and small models run fastest on one
@@ -52,9 +52,7 @@ def load_local_data(cfg, partition_id: int, data_root: str) -> LocalData:
         else torch.zeros(0, dtype=torch.long)
     )
     eval_idx = torch.as_tensor(plan.eval_indices[partition_id], dtype=torch.long)
-    label_to_expert = {
-        label: expert for expert in range(plan.num_experts) for label in plan.client_labels[expert]
-    }
+    label_to_expert = {label: expert for expert in range(plan.num_experts) for label in plan.client_labels[expert]}
     return LocalData(
         dataset.train_x[train_idx],
         dataset.train_y[train_idx],

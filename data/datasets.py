@@ -137,8 +137,11 @@ def _torchvision(name: str, root: str) -> ArrayDataset:
         to_x = lambda d: _images(d.data.transpose(1, 2))  # noqa: E731
         return _build(to_x(train), train.targets, to_x(test), test.targets, len(train.classes))
     return _build(
-        _images(train.data, channels_last=True), train.targets,
-        _images(test.data, channels_last=True), test.targets, len(train.classes),
+        _images(train.data, channels_last=True),
+        train.targets,
+        _images(test.data, channels_last=True),
+        test.targets,
+        len(train.classes),
     )
 
 

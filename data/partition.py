@@ -129,10 +129,18 @@ def make_partition(
         Labels and sample indices of every client and the public split.
     """
     _check(mode in PARTITION_MODES, f"partition-mode {mode!r} is not one of {', '.join(PARTITION_MODES)}.")
-    _check(1 <= num_experts <= num_classes, f"num-experts={num_experts} must be between 1 and the {num_classes} classes.")
-    _check(num_train_clients >= num_experts, f"num-train-clients={num_train_clients} must be at least num-experts={num_experts}.")
+    _check(
+        1 <= num_experts <= num_classes, f"num-experts={num_experts} must be between 1 and the {num_classes} classes."
+    )
+    _check(
+        num_train_clients >= num_experts,
+        f"num-train-clients={num_train_clients} must be at least num-experts={num_experts}.",
+    )
     _check(num_test_clients >= 0, "num-test-clients must be non-negative.")
-    _check(1 <= labels_per_client <= num_classes, f"labels-per-client={labels_per_client} must be between 1 and {num_classes}.")
+    _check(
+        1 <= labels_per_client <= num_classes,
+        f"labels-per-client={labels_per_client} must be between 1 and {num_classes}.",
+    )
     _check(0 <= public_fraction < 1, "public-fraction must be in [0, 1).")
     _check(samples_per_client >= 1, "samples-per-client must be at least 1.")
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
@@ -149,19 +157,30 @@ def make_partition(
     num_normal = num_train_clients - num_experts
 
     if mode == "grouped":
-        _check(labels_per_client % group_size == 0, f"labels-per-client={labels_per_client} must be a multiple of the anchor group size {group_size} in grouped mode.")
+        _check(
+            labels_per_client % group_size == 0,
+            f"labels-per-client={labels_per_client} must be a multiple of the anchor group size {group_size} in grouped mode.",
+        )
         per_client = labels_per_client // group_size
         # One group per client would give test clients exactly an anchor's labels.
-        _check(per_client >= 2, f"labels-per-client={labels_per_client} must span at least two anchor groups of {group_size} labels in grouped mode.")
+        _check(
+            per_client >= 2,
+            f"labels-per-client={labels_per_client} must span at least two anchor groups of {group_size} labels in grouped mode.",
+        )
         combos = list(itertools.combinations(range(num_experts), per_client))
         combos = [combos[i] for i in rng.permutation(len(combos))]
-        _check(num_test_clients < len(combos), f"num-test-clients={num_test_clients} leaves none of the {len(combos)} group combinations for training clients; lower it or use partition-mode free.")
+        _check(
+            num_test_clients < len(combos),
+            f"num-test-clients={num_test_clients} leaves none of the {len(combos)} group combinations for training clients; lower it or use partition-mode free.",
+        )
         as_labels = [tuple(sorted(y for g in combo for y in groups[g])) for combo in combos]
         test_sets = as_labels[:num_test_clients]
         train_sets = as_labels[num_test_clients:]
         normal_sets = [train_sets[i % len(train_sets)] for i in range(num_normal)]
     else:
-        normal_sets = [tuple(sorted(rng.choice(num_classes, labels_per_client, replace=False).tolist())) for _ in range(num_normal)]
+        normal_sets = [
+            tuple(sorted(rng.choice(num_classes, labels_per_client, replace=False).tolist())) for _ in range(num_normal)
+        ]
         test_sets = None
 
     train_indices, client_labels = [], []

@@ -9,7 +9,7 @@ from .aggregation import aggregate_moe, check_update
 from .arrays import expert_prefix, pack_moe, select
 from .models import ARCHITECTURES, Classifier, build_gate, build_model
 from .moe import anchor_loss, mixture_loss, top_k_experts, zero_shot_predictions
-from .strategy import ANCHOR, NORMAL, TEST, DDOME, layout_roles
+from .strategy import ANCHOR, DDOME, NORMAL, TEST, layout_roles
 
 __all__ = [
     "ANCHOR",

@@ -11,9 +11,7 @@ from flwr.app import Array, ArrayRecord
 MAX_NUM_EXAMPLES = 10**9
 
 
-def aggregate_moe(
-    current: ArrayRecord, updates: Sequence[tuple[ArrayRecord, float]]
-) -> ArrayRecord:
+def aggregate_moe(current: ArrayRecord, updates: Sequence[tuple[ArrayRecord, float]]) -> ArrayRecord:
     """Average every array over the updates that carry it, weighted by examples.
 
     The gate is in every update, so it is averaged over all of them; an expert is
@@ -66,10 +64,7 @@ def check_update(update: ArrayRecord, sent: ArrayRecord, num_examples: object) -
     for key, array in update.items():
         expected = sent[key]
         if tuple(array.shape) != tuple(expected.shape) or array.dtype != expected.dtype:
-            return (
-                f"{key} has shape {array.shape} {array.dtype}, "
-                f"expected {expected.shape} {expected.dtype}"
-            )
+            return f"{key} has shape {array.shape} {array.dtype}, expected {expected.shape} {expected.dtype}"
         values = array.numpy()
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"{key} has NaN or Inf values"

@@ -31,9 +31,7 @@ def pack_moe(gate: nn.Module, experts: Iterable[nn.Module]) -> ArrayRecord:
 def select(record: ArrayRecord, prefixes: Iterable[str]) -> ArrayRecord:
     """The part of ``record`` whose keys start with one of ``prefixes``."""
     prefixes = tuple(prefixes)
-    return ArrayRecord(
-        {k: v for k, v in record.items() if k.startswith(prefixes)}, keep_input=True
-    )
+    return ArrayRecord({k: v for k, v in record.items() if k.startswith(prefixes)}, keep_input=True)
 
 
 def moe_prefixes(experts: Iterable[int]) -> list[str]:
@@ -49,11 +47,7 @@ def experts_in(record: ArrayRecord) -> list[int]:
 
 def load_part(module: nn.Module, record: ArrayRecord, prefix: str) -> None:
     """Load the ``prefix`` part of ``record`` into ``module`` (strict)."""
-    state = {
-        k[len(prefix) :]: torch.from_numpy(v.numpy())
-        for k, v in record.items()
-        if k.startswith(prefix)
-    }
+    state = {k[len(prefix) :]: torch.from_numpy(v.numpy()) for k, v in record.items() if k.startswith(prefix)}
     module.load_state_dict(state, strict=True)
 
 

@@ -131,7 +131,9 @@ def load_or_pretrain(
     if acc < settings["target_acc"]:
         log.warning(
             "common expert reached %.4f < common-expert-target-acc %.4f after %d epochs",
-            acc, settings["target_acc"], settings["max_epochs"],
+            acc,
+            settings["target_acc"],
+            settings["max_epochs"],
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomically({"state_dict": model.state_dict(), "accuracy": acc}, path)

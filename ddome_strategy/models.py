@@ -35,9 +35,7 @@ class Classifier(nn.Module):
 
 def _mlp_body(input_shape: tuple[int, ...], hidden: int) -> tuple[nn.Module, int]:
     # The paper's EMNIST expert: a 2-layer MLP (one hidden layer + the head).
-    body = nn.Sequential(
-        nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU()
-    )
+    body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU())
     return body, hidden
 
 
@@ -68,9 +66,7 @@ def _resnet_body(input_shape: tuple[int, ...], depth: int) -> tuple[nn.Module, i
     return net, feature_dim
 
 
-def build_model(
-    arch: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 128
-) -> Classifier:
+def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> Classifier:
     """Build a task model (common expert or expert) by architecture name.
 
     Parameters
@@ -96,17 +92,13 @@ def build_model(
     elif arch in ("resnet18", "resnet34"):
         body, dim = _resnet_body(input_shape, int(arch[len("resnet") :]))
     else:
-        raise ValueError(
-            f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}."
-        )
+        raise ValueError(f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}.")
     return Classifier(body, dim, num_classes)
 
 
 def build_gate(embedding_dim: int, num_experts: int, hidden: int = 64) -> nn.Module:
     """Build the gate: a two-layer MLP from an embedding to one logit per expert."""
-    return nn.Sequential(
-        nn.Linear(embedding_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_experts)
-    )
+    return nn.Sequential(nn.Linear(embedding_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
 
 
 def pick_device() -> torch.device:

@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 
 
-def mixture_log_probs(
-    gate_logits: torch.Tensor, expert_logits: torch.Tensor
-) -> torch.Tensor:
+def mixture_log_probs(gate_logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the gated mixture of the selected experts.
 
     The gate's probabilities are renormalised over the K selected experts (a softmax
@@ -31,9 +29,7 @@ def mixture_log_probs(
     return torch.logsumexp(log_weights + F.log_softmax(expert_logits, dim=2), dim=1)
 
 
-def mixture_loss(
-    gate_logits: torch.Tensor, expert_logits: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
+def mixture_loss(gate_logits: torch.Tensor, expert_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the gated mixture: the normal clients' joint loss."""
     return F.nll_loss(mixture_log_probs(gate_logits, expert_logits), labels)
 
@@ -88,9 +84,7 @@ def zero_shot_predictions(
     return top1, mixture
 
 
-def routing_error(
-    gate_probs: torch.Tensor, labels: torch.Tensor, label_to_expert: dict[int, int]
-) -> float:
+def routing_error(gate_probs: torch.Tensor, labels: torch.Tensor, label_to_expert: dict[int, int]) -> float:
     """Share of samples whose top-1 gate expert is not the anchor expert of their label.
 
     Samples whose label belongs to no anchor group are ignored; ``nan`` if none is left.

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -209,12 +208,8 @@ class DDOME(Strategy):
         expert again (a restarted server cannot know what they kept)."""
         self.rng.bit_generator.state = state["rng"]
 
-    def _message(
-        self, node_id: int, arrays: ArrayRecord, config: dict, message_type: str
-    ) -> Message:
-        content = RecordDict(
-            {ARRAYS: arrays, CONFIG: ConfigRecord({**self.client_config, **config})}
-        )
+    def _message(self, node_id: int, arrays: ArrayRecord, config: dict, message_type: str) -> Message:
+        content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**self.client_config, **config})})
         if self.common_expert is not None and node_id not in self.has_common_expert:
             content[COMMON_EXPERT] = self.common_expert
             self.has_common_expert.add(node_id)
@@ -240,10 +235,14 @@ class DDOME(Strategy):
         deadline = time.monotonic() + self.timeout
         while len(node_ids := list(grid.get_node_ids())) < self.min_nodes:
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Only {len(node_ids)} of min-nodes={self.min_nodes} nodes connected."
-                )
-            log(INFO, "Waiting for nodes: %d of %d connected (in simulation, num-supernodes must be at least %d)", len(node_ids), self.min_nodes, self.min_nodes)
+                raise TimeoutError(f"Only {len(node_ids)} of min-nodes={self.min_nodes} nodes connected.")
+            log(
+                INFO,
+                "Waiting for nodes: %d of %d connected (in simulation, num-supernodes must be at least %d)",
+                len(node_ids),
+                self.min_nodes,
+                self.min_nodes,
+            )
             time.sleep(1.0)
         unknown = [n for n in node_ids if n not in self.clients]
         if not unknown:
@@ -347,7 +346,9 @@ class DDOME(Strategy):
         self.traffic.picks = [e for experts in routed.values() for e in experts]
         train_config = {**dict(config), TASK: "train", "server-round": server_round}
         return [
-            *self._dispatch({c.node_id: [c.expert] for c in anchors}, {**train_config, "role": ANCHOR}, MessageType.TRAIN),
+            *self._dispatch(
+                {c.node_id: [c.expert] for c in anchors}, {**train_config, "role": ANCHOR}, MessageType.TRAIN
+            ),
             *self._dispatch(routed, {**train_config, "role": NORMAL}, MessageType.TRAIN),
         ]
 
@@ -385,7 +386,9 @@ class DDOME(Strategy):
             weights.append(float(n))
             if "routing-acc" in metrics:
                 anchor_acc.append(float(metrics["routing-acc"]))
-        trained = sorted({e for u, _ in updates for e in range(self.num_experts) if any(k.startswith(expert_prefix(e)) for k in u)})
+        trained = sorted(
+            {e for u, _ in updates for e in range(self.num_experts) if any(k.startswith(expert_prefix(e)) for k in u)}
+        )
         metrics = {
             "train-loss": _mean(losses, weights),
             "anchor-routing-acc": _mean(anchor_acc),
@@ -397,15 +400,25 @@ class DDOME(Strategy):
             "expert-picks": np.bincount(self.traffic.picks, minlength=self.num_experts).tolist(),
         }
         if len(updates) < self.min_train_replies:
-            log(WARNING, "round %d skipped: %d valid replies < min-train-replies=%d", server_round, len(updates), self.min_train_replies)
+            log(
+                WARNING,
+                "round %d skipped: %d valid replies < min-train-replies=%d",
+                server_round,
+                len(updates),
+                self.min_train_replies,
+            )
             new_arrays = None
         else:
             new_arrays = self.arrays = aggregate_moe(self.arrays, updates)
         log(
             INFO,
             "round %d/%d | train loss %.4f | anchor routing acc %.3f | %.2f MB sent | normal clients picked experts %s",
-            server_round, self.num_rounds, metrics["train-loss"], metrics["anchor-routing-acc"],
-            metrics["bytes-total"] / 1e6, metrics["expert-picks"],
+            server_round,
+            self.num_rounds,
+            metrics["train-loss"],
+            metrics["anchor-routing-acc"],
+            metrics["bytes-total"] / 1e6,
+            metrics["expert-picks"],
         )
         if self.on_metrics:
             self.on_metrics(server_round, "train", metrics, self.arrays)
@@ -446,9 +459,7 @@ class DDOME(Strategy):
         eval_config = {**dict(config), TASK: "evaluate", "server-round": server_round}
         return self._dispatch(routed, eval_config, MessageType.EVALUATE)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average each metric over the test clients and over the training clients.
 
         Parameters
@@ -486,8 +497,10 @@ class DDOME(Strategy):
         log(
             INFO,
             "round %d | zero-shot acc on unseen clients %.4f (common expert %.4f) | training clients %.4f",
-            server_round, metrics.get("test/zero-shot-acc", float("nan")),
-            metrics.get("test/common-expert-acc", float("nan")), metrics.get("train/zero-shot-acc", float("nan")),
+            server_round,
+            metrics.get("test/zero-shot-acc", float("nan")),
+            metrics.get("test/common-expert-acc", float("nan")),
+            metrics.get("train/zero-shot-acc", float("nan")),
         )
         if self.on_metrics:
             self.on_metrics(server_round, "evaluate", metrics, self.arrays)

@@ -177,7 +177,15 @@ def run_ddome(grid: Grid, run_config: dict) -> dict:
 
 
 # Keys a resumed run may change; any other difference would make it a different run.
-RESUMABLE_CHANGES = {"resume", "num-server-rounds", "round-timeout", "output-dir", "cache-dir", "config-file", "data-root"}
+RESUMABLE_CHANGES = {
+    "resume",
+    "num-server-rounds",
+    "round-timeout",
+    "output-dir",
+    "cache-dir",
+    "config-file",
+    "data-root",
+}
 
 
 def resume_point(cfg: dict):

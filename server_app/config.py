@@ -126,10 +126,22 @@ def validate(cfg: dict[str, Any]) -> None:
     checks = [
         (m >= 1, "num-experts must be at least 1"),
         (1 <= cfg["top-k"] <= m, f"top-k={cfg['top-k']} must be between 1 and num-experts={m}"),
-        (cfg["num-train-clients"] >= m, f"num-train-clients={cfg['num-train-clients']} must be at least num-experts={m} (one anchor per expert)"),
-        (0 <= cfg["anchors-per-round"] <= m, f"anchors-per-round={cfg['anchors-per-round']} must be between 0 and the {m} anchor clients"),
-        (0 <= cfg["normal-per-round"] <= cfg["num-train-clients"] - m, f"normal-per-round={cfg['normal-per-round']} exceeds the {cfg['num-train-clients'] - m} normal clients"),
-        (cfg["anchors-per-round"] + cfg["normal-per-round"] >= 1, "anchors-per-round + normal-per-round must be at least 1"),
+        (
+            cfg["num-train-clients"] >= m,
+            f"num-train-clients={cfg['num-train-clients']} must be at least num-experts={m} (one anchor per expert)",
+        ),
+        (
+            0 <= cfg["anchors-per-round"] <= m,
+            f"anchors-per-round={cfg['anchors-per-round']} must be between 0 and the {m} anchor clients",
+        ),
+        (
+            0 <= cfg["normal-per-round"] <= cfg["num-train-clients"] - m,
+            f"normal-per-round={cfg['normal-per-round']} exceeds the {cfg['num-train-clients'] - m} normal clients",
+        ),
+        (
+            cfg["anchors-per-round"] + cfg["normal-per-round"] >= 1,
+            "anchors-per-round + normal-per-round must be at least 1",
+        ),
         (cfg["num-test-clients"] >= 1, "num-test-clients must be at least 1"),
         (cfg["num-server-rounds"] >= 1, "num-server-rounds must be at least 1"),
         (cfg["eval-every"] >= 1, "eval-every must be at least 1"),
@@ -154,9 +166,25 @@ def validate(cfg: dict[str, Any]) -> None:
 def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The entries every ClientApp needs (data, partition, models, optimiser)."""
     keys = (
-        "dataset", "data-root", "partition-mode", "num-experts", "num-train-clients",
-        "num-test-clients", "labels-per-client", "dirichlet-alpha", "samples-per-client",
-        "eval-samples-per-client", "public-fraction", "arch", "mlp-hidden", "gate-hidden",
-        "lr", "gate-lr", "momentum", "batch-size", "local-epochs", "seed",
+        "dataset",
+        "data-root",
+        "partition-mode",
+        "num-experts",
+        "num-train-clients",
+        "num-test-clients",
+        "labels-per-client",
+        "dirichlet-alpha",
+        "samples-per-client",
+        "eval-samples-per-client",
+        "public-fraction",
+        "arch",
+        "mlp-hidden",
+        "gate-hidden",
+        "lr",
+        "gate-lr",
+        "momentum",
+        "batch-size",
+        "local-epochs",
+        "seed",
     )
     return {k: cfg[k] for k in keys}

@@ -56,7 +56,12 @@ class RunWriter:
 
     def log(self, server_round: int, stage: str, metrics: dict[str, Any]) -> None:
         """Append one line ``{"round", "stage", "time", **metrics}`` to ``metrics.jsonl``."""
-        row = {"round": server_round, "stage": stage, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        row = {
+            "round": server_round,
+            "stage": stage,
+            "time": time.time(),
+            **{k: _jsonable(v) for k, v in metrics.items()},
+        }
         self.history.append(row)
         with self.metrics_file.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -6,7 +6,6 @@ import pytest
 from flwr.app import ArrayRecord
 
 from benchmarks.compare import METHODS, main
-from data import load_dataset
 from server_app.app import build_common_expert
 
 
@@ -14,11 +13,18 @@ from server_app.app import build_common_expert
 def benchmark_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cache = tmp_path_factory.mktemp("cache")
-    main([
-        "--config-file", "configs/digits-tiny.yaml",
-        "--run-config", "num-server-rounds=4", "eval-every=2", f"cache-dir={cache}",
-        "--out", str(out),
-    ])
+    main(
+        [
+            "--config-file",
+            "configs/digits-tiny.yaml",
+            "--run-config",
+            "num-server-rounds=4",
+            "eval-every=2",
+            f"cache-dir={cache}",
+            "--out",
+            str(out),
+        ]
+    )
     return out, json.loads((out / "results.json").read_text())
 
 

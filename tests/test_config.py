@@ -1,9 +1,9 @@
 """Run configuration: pyproject defaults, presets, overrides and clear errors."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from server_app.config import DEFAULTS, ConfigError, resolve
 

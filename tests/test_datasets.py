@@ -86,7 +86,10 @@ def test_cifar_from_a_data_root(tmp_path, monkeypatch, name, cls, classes):
 
     def write(filename, n, seed):
         rng = np.random.default_rng(seed)
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, classes, n).tolist()}
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, classes, n).tolist(),
+        }
         (folder / filename).write_bytes(pickle.dumps(batch))
         return [filename, hashlib.md5((folder / filename).read_bytes()).hexdigest()]
 

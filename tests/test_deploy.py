@@ -86,9 +86,7 @@ def _compose_config(files: list[str]) -> dict:
     args = [binary]
     for name in files:
         args += ["-f", str(REPO / name)]
-    result = subprocess.run(
-        [*args, "config"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
-    )
+    result = subprocess.run([*args, "config"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, f"docker-compose config rejected {files}:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
 
@@ -100,9 +98,7 @@ def _command(service: dict) -> str:
 
 def _supernodes(config: dict) -> dict[str, dict]:
     return {
-        name: svc
-        for name, svc in config["services"].items()
-        if str(svc.get("image", "")).startswith("flwr/supernode:")
+        name: svc for name, svc in config["services"].items() if str(svc.get("image", "")).startswith("flwr/supernode:")
     }
 
 
@@ -212,7 +208,11 @@ class Processes:
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.log_dir,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.log_dir,
                 start_new_session=True,
             )
         self.procs[name] = proc
@@ -255,8 +255,13 @@ class Processes:
 
 def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN_DIR / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-        check=False, cwd=REPO,
+        [str(BIN_DIR / "flwr"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO,
     )
 
 
@@ -314,14 +319,24 @@ def test_make_certs_writes_ca_server_cert_and_keys(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     verify = subprocess.run(
         ["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.pem")],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert verify.returncode == 0, verify.stderr
     text = subprocess.run(
         ["openssl", "x509", "-in", str(out / "server.pem"), "-noout", "-text"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    for san in ("DNS:superlink", "DNS:localhost", "IP Address:127.0.0.1", "DNS:link.example.org", "IP Address:10.1.2.3"):
+    for san in (
+        "DNS:superlink",
+        "DNS:localhost",
+        "IP Address:127.0.0.1",
+        "DNS:link.example.org",
+        "IP Address:10.1.2.3",
+    ):
         assert san in text, san
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
@@ -344,24 +359,37 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     # 1. certificates and one key pair per SuperNode, plus one that is never registered
     certs = tmp_path / "certs"
     subprocess.run(
-        ["bash", str(MAKE_CERTS), str(certs), str(NUM_NODES + 1)], env=env, check=True,
-        capture_output=True, timeout=120,
+        ["bash", str(MAKE_CERTS), str(certs), str(NUM_NODES + 1)],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     ca = certs / "ca.crt"
 
     # 2. the SuperLink: TLS on every API, only registered SuperNodes admitted
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    superlink = processes.start("superlink", [
-        str(BIN_DIR / "flower-superlink"),
-        "--ssl-ca-certfile", str(ca),
-        "--ssl-certfile", str(certs / "server.pem"),
-        "--ssl-keyfile", str(certs / "server.key"),
-        "--enable-supernode-auth",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--database", str(tmp_path / "superlink.db"),
-        "--disable-runtime-dependency-installation",
-    ])
+    superlink = processes.start(
+        "superlink",
+        [
+            str(BIN_DIR / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(ca),
+            "--ssl-certfile",
+            str(certs / "server.pem"),
+            "--ssl-keyfile",
+            str(certs / "server.key"),
+            "--enable-supernode-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(tmp_path / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ],
+    )
 
     # 3. the connection the flwr CLI uses, in a private FLWR_HOME
     home = Path(env["FLWR_HOME"])
@@ -381,8 +409,9 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     # 4. register the SuperNodes' public keys (not the intruder's)
     registered: set[str] = set()
     for i in range(NUM_NODES):
-        result = _flwr(env, "supernode", "register", str(certs / "keys" / f"supernode-{i}.pub"), "ddome-test",
-                       "--format", "json")
+        result = _flwr(
+            env, "supernode", "register", str(certs / "keys" / f"supernode-{i}.pub"), "ddome-test", "--format", "json"
+        )
         payload = _json_out(result)
         assert payload.get("success"), payload
         registered.add(str(payload["node-id"]))
@@ -392,18 +421,26 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     def supernode_args(i: int, key: Path, *extra: str) -> list[str]:
         return [
             str(BIN_DIR / "flower-supernode"),
-            "--root-certificates", str(ca),
-            "--auth-supernode-private-key", str(key),
-            "--superlink", address,
-            "--node-config", f"partition-id={i}",
-            "--host", "127.0.0.1", "--port", str(_free_port()),  # its local Runtime API
+            "--root-certificates",
+            str(ca),
+            "--auth-supernode-private-key",
+            str(key),
+            "--superlink",
+            address,
+            "--node-config",
+            f"partition-id={i}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),  # its local Runtime API
             *extra,
         ]
 
     for i in range(NUM_NODES):
         processes.start(f"supernode-{i}", supernode_args(i, certs / "keys" / f"supernode-{i}"))
-    intruder = processes.start("supernode-unregistered",
-                               supernode_args(0, certs / "keys" / f"supernode-{NUM_NODES}", "--max-retries", "3"))
+    intruder = processes.start(
+        "supernode-unregistered", supernode_args(0, certs / "keys" / f"supernode-{NUM_NODES}", "--max-retries", "3")
+    )
 
     def _nodes() -> list[dict]:
         result = _flwr(env, "supernode", "list", "ddome-test", "--format", "json")
@@ -428,8 +465,7 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     # 7. run DDOME on the federation
     outputs, cache = tmp_path / "outputs", tmp_path / "cache"
     run_config = f"{RUN_CONFIG} output-dir='{outputs}' cache-dir='{cache}'"
-    result = _flwr(env, "run", str(REPO), "ddome-test", "--run-config", run_config, "--format", "json",
-                   timeout=180)
+    result = _flwr(env, "run", str(REPO), "ddome-test", "--run-config", run_config, "--format", "json", timeout=180)
     payload = _json_out(result)
     assert payload.get("success") and payload.get("run-id"), f"{payload}\n{processes.logs()}"
     run_id = payload["run-id"]
@@ -473,4 +509,3 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     assert superlink.poll() is None
     for i in range(NUM_NODES):
         assert "Receiving:" in processes.log(f"supernode-{i}", tail=10**7), f"supernode-{i} got no message"
-

@@ -16,8 +16,14 @@ TEST = np.repeat(np.arange(CLASSES), 30)
 
 def plan(**kw):
     args = dict(
-        num_classes=CLASSES, num_experts=5, num_train_clients=12, num_test_clients=3,
-        labels_per_client=4, samples_per_client=60, eval_samples_per_client=20, seed=0,
+        num_classes=CLASSES,
+        num_experts=5,
+        num_train_clients=12,
+        num_test_clients=3,
+        labels_per_client=4,
+        samples_per_client=60,
+        eval_samples_per_client=20,
+        seed=0,
     )
     args.update(kw)
     return make_partition(TRAIN, TEST, **args)

@@ -18,8 +18,14 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
 
     monkeypatch.setattr(client_module, "embed", counting_embed)
     task._plan.cache_clear()
-    config = {**DEFAULTS, "config-file": "configs/digits-tiny.yaml", "num-server-rounds": 6, "eval-every": 2,
-              "output-dir": str(tmp_path), "cache-dir": str(tmp_path / "cache")}
+    config = {
+        **DEFAULTS,
+        "config-file": "configs/digits-tiny.yaml",
+        "num-server-rounds": 6,
+        "eval-every": 2,
+        "output-dir": str(tmp_path),
+        "cache-dir": str(tmp_path / "cache"),
+    }
     run_ddome(InProcessGrid(client_app, 13), config)
     # Each of the 13 clients embeds its training and its evaluation data exactly once,
     # although most of them took part in 6 training rounds and 3 evaluations.

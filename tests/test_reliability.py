@@ -4,7 +4,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import Error, Message
@@ -21,7 +20,12 @@ NODES = 13
 
 
 def run_config(tmp_path, **overrides):
-    return {**TINY, "output-dir": str(tmp_path / "out"), "cache-dir": str(tmp_path.parent / "ddome-test-cache"), **overrides}
+    return {
+        **TINY,
+        "output-dir": str(tmp_path / "out"),
+        "cache-dir": str(tmp_path.parent / "ddome-test-cache"),
+        **overrides,
+    }
 
 
 class FaultyGrid(InProcessGrid):
@@ -104,8 +108,14 @@ class NoMessagesGrid:
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
-    [({"top-k": 9}, "top-k"), ({"anchors-per-round": 7}, "anchors-per-round"), ({"dataset": "imagenet"}, "dataset"),
-     ({"arch": "vit"}, "arch"), ({"data-root": "/nowhere"}, "data-root"), ({"resume": "/nowhere"}, "resume")],
+    [
+        ({"top-k": 9}, "top-k"),
+        ({"anchors-per-round": 7}, "anchors-per-round"),
+        ({"dataset": "imagenet"}, "dataset"),
+        ({"arch": "vit"}, "arch"),
+        ({"data-root": "/nowhere"}, "data-root"),
+        ({"resume": "/nowhere"}, "resume"),
+    ],
 )
 def test_bad_configuration_stops_before_training(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key):
@@ -150,7 +160,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_nothing_is_unpickled_unsafely():
-    sources = [p for d in ("ddome_strategy", "client_app", "server_app", "data", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    sources = [
+        p
+        for d in ("ddome_strategy", "client_app", "server_app", "data", "benchmarks")
+        for p in (ROOT / d).rglob("*.py")
+    ]
     for source in sources:
         text = source.read_text()
         assert "import pickle" not in text, source

@@ -20,7 +20,12 @@ def test_ddome_zero_shot_through_flower_simulation(tmp_path):
 
     @server_app.main()
     def main(grid, context):
-        run_config = {**DEFAULTS, "config-file": "configs/digits-tiny.yaml", "output-dir": str(tmp_path), "cache-dir": str(tmp_path / "cache")}
+        run_config = {
+            **DEFAULTS,
+            "config-file": "configs/digits-tiny.yaml",
+            "output-dir": str(tmp_path),
+            "cache-dir": str(tmp_path / "cache"),
+        }
         summaries.append(run_ddome(grid, run_config))
 
     run_simulation(

@@ -33,17 +33,27 @@ class ScriptedClient:
         if cfg[TASK] == "role":
             return Message(RecordDict({CONFIG: ConfigRecord({"partition-id": self.partition_id})}), reply_to=message)
         if cfg[TASK] == "route":
-            return Message(RecordDict({METRICS: MetricRecord({"gate-scores": list(map(float, self.scores))})}), reply_to=message)
+            return Message(
+                RecordDict({METRICS: MetricRecord({"gate-scores": list(map(float, self.scores))})}), reply_to=message
+            )
         if cfg[TASK] == "train":
             if self.fail_train:
                 update = ArrayRecord({"gate.w": Array(np.full(3, np.nan, np.float32))})
             else:
-                update = ArrayRecord({k: Array(np.full(v.shape, 100.0 + self.partition_id, np.float32)) for k, v in message.content[ARRAYS].items()})
+                update = ArrayRecord(
+                    {
+                        k: Array(np.full(v.shape, 100.0 + self.partition_id, np.float32))
+                        for k, v in message.content[ARRAYS].items()
+                    }
+                )
             metrics = {"num-examples": 10 * (self.partition_id + 1), "train-loss": 1.0}
             if cfg["role"] == "anchor":
                 metrics["routing-acc"] = 0.5
             return Message(RecordDict({ARRAYS: update, METRICS: MetricRecord(metrics)}), reply_to=message)
-        return Message(RecordDict({METRICS: MetricRecord({"zero-shot-acc": self.partition_id / 10, "num-examples": 5})}), reply_to=message)
+        return Message(
+            RecordDict({METRICS: MetricRecord({"zero-shot-acc": self.partition_id / 10, "num-examples": 5})}),
+            reply_to=message,
+        )
 
 
 def make_federation(fake_grid_class, node_ids, scores_of=None, failing=()):
@@ -56,7 +66,13 @@ def make_federation(fake_grid_class, node_ids, scores_of=None, failing=()):
 
 
 def make_strategy(**kw):
-    options = dict(top_k=K, anchors_per_round=2, normal_per_round=3, common_expert=ArrayRecord({"w": Array(np.ones(1, np.float32))}), seed=0)
+    options = dict(
+        top_k=K,
+        anchors_per_round=2,
+        normal_per_round=3,
+        common_expert=ArrayRecord({"w": Array(np.ones(1, np.float32))}),
+        seed=0,
+    )
     options.update(kw)
     return DDOME(M, layout_roles(M, 8), **options)
 
