@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -195,6 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--fedprox-mu", type=float, default=0.01, help="FedProx's proximal term")
     parser.add_argument("--out", default="", help="output folder (default outputs/benchmark-<time>)")
+    parser.add_argument("--replot", metavar="FOLDER", help="only redraw table.md and the plots of a finished benchmark")
     return parser.parse_args(argv)
 
 
@@ -211,6 +213,11 @@ def resolve_config(args, seed: int) -> dict:
 def main(argv=None) -> Path:
     """Run every method for every seed; write table.md, results.json and plots."""
     args = parse_args(argv)
+    if args.replot:
+        out = Path(args.replot)
+        saved = json.loads((out / "results.json").read_text())
+        write_report(out, saved["results"], saved["config"], saved["command"])
+        return out
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -231,13 +238,9 @@ def main(argv=None) -> Path:
                 flush=True,
             )
     config = {k: v for k, v in cfg.items() if k != "seed"}
-    (out / "results.json").write_text(json.dumps({"config": config, "results": results}, indent=2))
-    write_report(
-        out,
-        results,
-        config,
-        " ".join(["python -m benchmarks.compare", *(argv if argv is not None else __import__("sys").argv[1:])]),
-    )
+    command = " ".join(["python -m benchmarks.compare", *(argv if argv is not None else sys.argv[1:])])
+    (out / "results.json").write_text(json.dumps({"command": command, "config": config, "results": results}, indent=2))
+    write_report(out, results, config, command)
     print((out / "table.md").read_text())
     return out
 

@@ -72,17 +72,25 @@ def table(results: list[dict]) -> str:
 
 
 def plot_accuracy(results: list[dict], path: Path) -> None:
-    """Zero-shot accuracy on the unseen clients per round, one line per method and seed."""
+    """Zero-shot accuracy on the unseen clients per round: mean over seeds per method,
+    shaded between the worst and the best seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method = defaultdict(list)
     for r in results:
-        points = [
-            (h["round"], h.get("test/zero-shot-acc")) for h in r["history"] if h.get("test/zero-shot-acc") is not None
-        ]
-        if r["method"] == "common-expert":
-            ax.axhline(100 * points[-1][1], ls="--", color="gray", label=f"{NAMES[r['method']]} (seed {r['seed']})")
+        by_method[r["method"]].append(
+            {h["round"]: h["test/zero-shot-acc"] for h in r["history"] if h.get("test/zero-shot-acc") is not None}
+        )
+    for method, curves in by_method.items():
+        label = f"{NAMES[method]} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
+        if method == "common-expert":
+            ax.axhline(100 * np.mean([list(c.values())[-1] for c in curves]), ls="--", color="gray", label=label)
             continue
-        xs, ys = zip(*points)
-        ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=f"{NAMES[r['method']]} (seed {r['seed']})")
+        rounds = sorted(set.intersection(*(set(c) for c in curves)))
+        values = 100 * np.array([[c[x] for x in rounds] for c in curves])
+        style = "--" if method == "fedprox" else "-"  # FedProx often overlaps FedAvg
+        (line,) = ax.plot(rounds, values.mean(0), style, marker="o", ms=3, label=label)
+        if len(curves) > 1:
+            ax.fill_between(rounds, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
     ax.set_ylabel("zero-shot accuracy on unseen clients (%)")
     ax.grid(alpha=0.3)

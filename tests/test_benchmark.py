@@ -68,3 +68,12 @@ def test_byte_accounting_matches_the_arrays_sent(benchmark_run, tmp_path):
     assert results["fedavg"]["bytes-per-round"] == 2 * per_round * model_bytes
     # FedMix sends all M experts, DDOME at most K (+ the gate and the routing scores).
     assert results["fedmix"]["bytes-per-round"] > results["ddome"]["bytes-per-round"]
+
+
+def test_replot_redraws_from_saved_results(benchmark_run):
+    out, report = benchmark_run
+    (out / "accuracy.png").unlink()
+    (out / "table.md").unlink()
+    main(["--replot", str(out)])
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["command"] in (out / "table.md").read_text()
