@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from collections import defaultdict
@@ -90,14 +91,17 @@ def plain_pytorch(cfg: dict) -> list[float]:
     dataset, common, _ = build_common_expert(cfg)
     arrays = build_moe(cfg, dataset, common)
     m, s = cfg["num-experts"], cfg["num-train-clients"]
+    # One process may use every core (the simulation runs one client per core).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(cfg["seed"])
     local = {pid: load_local_data(cfg, pid, cfg["data-root"]) for pid in range(s)}
     embeddings = {pid: embed(common, d.train_x) for pid, d in local.items()}  # once, as clients do
     times = []
     for server_round in range(1, cfg["num-server-rounds"] + 1):
         started = time.perf_counter()
-        anchors = sorted(rng.choice(m, cfg["anchors-per-round"], replace=False))
-        normals = sorted(m + rng.choice(s - m, cfg["normal-per-round"], replace=False))
+        anchors = sorted(int(i) for i in rng.choice(m, cfg["anchors-per-round"], replace=False))
+        normals = sorted(m + int(i) for i in rng.choice(s - m, cfg["normal-per-round"], replace=False))
         updates = []
         for pid in [*anchors, *normals]:
             data = local[pid]
@@ -116,6 +120,7 @@ def plain_pytorch(cfg: dict) -> list[float]:
             updates.append((ArrayRecord(state), float(len(data.train_y))))
         arrays = aggregate_moe(arrays, updates)
         times.append(time.perf_counter() - started)
+    torch.set_num_threads(threads)
     return times[1:]
 
 
@@ -240,13 +245,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="rounds,phases,bytes,scale")
     parser.add_argument("--rounds", type=int, default=10, help="rounds per timing run (the first is excluded)")
+    parser.add_argument(
+        "--presets", default=",".join(PRESETS), help=f"subset of {','.join(PRESETS)} for the rounds section"
+    )
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {open('/proc/loadavg').read().split()[:3]}"
     )
     if "rounds" in sections:
-        for preset in PRESETS:
+        for preset in args.presets.split(","):
             cfg = config(preset, args.rounds)
             figures = {
                 "plain PyTorch loop (limit)": plain_pytorch(cfg),
