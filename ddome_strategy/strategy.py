@@ -256,9 +256,22 @@ class DDOME(Strategy):
             for n in unknown
         ]
         for reply in self._good_replies(grid.send_and_receive(queries, timeout=self.timeout), "role query"):
-            pid = int(reply.content[CONFIG]["partition-id"])
-            role, expert = self.role_of(pid)
             node = reply.metadata.src_node_id
+            config = reply.content.config_records.get(CONFIG, ConfigRecord())
+            pid = config.get("partition-id")
+            if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+                log(WARNING, "role query: node %s sent an invalid partition-id %r; it is left out", node, pid)
+                continue
+            role, expert = self.role_of(pid)
+            if role == ANCHOR and not 0 <= expert < self.num_experts:
+                log(
+                    WARNING,
+                    "role query: node %s claims anchor of expert %s of %d; it is left out",
+                    node,
+                    expert,
+                    self.num_experts,
+                )
+                continue
             self.clients[node] = _Client(node, pid, role, expert)
         counts = {r: sum(c.role == r for c in self.clients.values()) for r in (ANCHOR, NORMAL, TEST)}
         log(INFO, "Clients: %d anchors, %d normal, %d unseen test", counts[ANCHOR], counts[NORMAL], counts[TEST])

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ddome_strategy import DDOME, layout_roles
+from ddome_strategy import DDOME, aggregate_moe, layout_roles
 from ddome_strategy.arrays import experts_in
 from ddome_strategy.strategy import ARRAYS, COMMON_EXPERT, CONFIG, METRICS, TASK
 
@@ -172,3 +174,59 @@ def test_evaluation_reports_test_and_training_clients_separately(fake_grid_class
 def test_invalid_top_k_is_refused():
     with pytest.raises(ValueError, match="top-k"):
         DDOME(3, layout_roles(3, 5), top_k=4)
+
+
+class BadClient(ScriptedClient):
+    """Sends a malformed role or routing reply."""
+
+    def __init__(self, partition_id, bad_role=None, bad_scores=None):
+        super().__init__(partition_id)
+        self.bad_role, self.bad_scores = bad_role, bad_scores
+
+    def __call__(self, message):
+        task = message.content[CONFIG][TASK]
+        if task == "role" and self.bad_role is not None:
+            self.received.append(message)
+            return Message(RecordDict({CONFIG: ConfigRecord({"partition-id": self.bad_role})}), reply_to=message)
+        if task == "route" and self.bad_scores is not None:
+            self.received.append(message)
+            return Message(RecordDict({METRICS: MetricRecord({"gate-scores": self.bad_scores})}), reply_to=message)
+        return super().__call__(message)
+
+
+@pytest.mark.parametrize(
+    ("bad_role", "bad_scores"),
+    [("three", None), (-1, None), (None, [0.5, 0.5]), (None, [float("nan")] * M)],
+)
+def test_malformed_role_or_routing_replies_leave_the_client_out(fake_grid_class, bad_role, bad_scores):
+    grid, clients = make_federation(fake_grid_class, NODE_IDS)
+    # The node of normal partition 5 misbehaves; everything else is as usual.
+    bad_node = NODE_IDS[5]
+    clients[bad_node] = BadClient(5, bad_role, bad_scores)
+    grid.handlers[bad_node] = clients[bad_node]
+    strategy = make_strategy(normal_per_round=4)
+    result = strategy.start(grid, global_arrays(), num_rounds=2)
+    assert not any(m.metadata.message_type == MessageType.TRAIN for m in clients[bad_node].received)
+    assert all(result.train_metrics_clientapp[r]["num-replies"] >= 5 for r in (1, 2))
+
+
+@settings(max_examples=25, deadline=None)
+@given(order=st.permutations(list(range(4))), weights=st.lists(st.integers(1, 50), min_size=4, max_size=4))
+def test_aggregation_does_not_depend_on_reply_order(order, weights):
+    current = global_arrays()
+    updates = [
+        (
+            ArrayRecord(
+                {
+                    "gate.w": Array(np.full(3, float(i), np.float32)),
+                    f"expert.{i}.w": Array(np.full(2, 10.0 * i, np.float32)),
+                }
+            ),
+            float(w),
+        )
+        for i, w in enumerate(weights)
+    ]
+    a = aggregate_moe(current, updates)
+    b = aggregate_moe(current, [updates[i] for i in order])
+    for key in a:
+        assert np.allclose(a[key].numpy(), b[key].numpy(), atol=1e-5)
