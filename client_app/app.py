@@ -8,16 +8,16 @@ from flwr.clientapp import ClientApp
 
 from client_app import baselines
 from client_app.task import (
-    build_expert,
-    build_local_gate,
     embed,
     evaluate_zero_shot,
+    expert_from,
+    gate_from,
     load_local_data,
     mean_gate_scores,
     predict,
     train_local,
 )
-from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, load_part, pack_part
+from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, pack_part
 from ddome_strategy.strategy import ANCHOR, ARRAYS, COMMON_EXPERT, CONFIG, METRICS, TASK
 
 app = ClientApp()
@@ -40,8 +40,7 @@ def _local(message: Message, context: Context):
     data_root = str(context.node_config.get("data-root", cfg["data-root"]))
     data = load_local_data(cfg, _partition_id(context), data_root)
     if COMMON_EXPERT in message.content:
-        common = build_expert(cfg, data)
-        load_part(common, message.content[COMMON_EXPERT], "")
+        common = expert_from(cfg, data, message.content[COMMON_EXPERT], "")
         context.state[EMBEDDINGS] = ArrayRecord(
             {
                 "train": embed(common, data.train_x),
@@ -59,13 +58,8 @@ def _local(message: Message, context: Context):
 
 
 def _models(cfg, data, arrays: ArrayRecord, embedding_dim: int):
-    gate = build_local_gate(cfg, embedding_dim)
-    load_part(gate, arrays, GATE_PREFIX)
-    experts = {}
-    for e in cfg.get("experts", []):
-        experts[int(e)] = build_expert(cfg, data)
-        load_part(experts[int(e)], arrays, expert_prefix(int(e)))
-    return gate, experts
+    experts = {int(e): expert_from(cfg, data, arrays, expert_prefix(int(e))) for e in cfg.get("experts", [])}
+    return gate_from(cfg, embedding_dim, arrays), experts
 
 
 @app.query()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from client_app.task import _batches, build_expert, load_local_data, predict
-from ddome_strategy.arrays import expert_prefix, experts_in, load_part, pack_part
+from client_app.task import _batches, expert_from, load_local_data, predict
+from ddome_strategy.arrays import expert_prefix, experts_in, pack_part
 from ddome_strategy.models import pick_device
 from ddome_strategy.strategy import ARRAYS, CONFIG, METRICS, TASK
 
@@ -27,8 +27,7 @@ def _data(message: Message, context: Context):
 def train_single(message: Message, context: Context) -> Message:
     """FedAvg / FedProx local training of one model; FedProx sends ``proximal-mu``."""
     cfg, data = _data(message, context)
-    model = build_expert(cfg, data)
-    load_part(model, message.content[ARRAYS], "")
+    model = expert_from(cfg, data, message.content[ARRAYS], "")
     device = pick_device()
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()]
@@ -55,14 +54,12 @@ def evaluate(message: Message, context: Context) -> Message:
     cfg, data = _data(message, context)
     arrays = message.content[ARRAYS]
     if cfg[TASK] == EVALUATE_SINGLE:
-        model = build_expert(cfg, data)
-        load_part(model, arrays, "")
+        model = expert_from(cfg, data, arrays, "")
         probs = torch.softmax(predict(model, data.eval_x), 1)
     else:
         probs = 0
         for e in experts_in(arrays):
-            expert = build_expert(cfg, data)
-            load_part(expert, arrays, expert_prefix(e))
+            expert = expert_from(cfg, data, arrays, expert_prefix(e))
             probs = probs + torch.softmax(predict(expert, data.eval_x), 1)
     accuracy = float((probs.argmax(1) == data.eval_y).float().mean())
     metrics = {"zero-shot-acc": accuracy, "num-examples": len(data.eval_y)}

@@ -8,10 +8,12 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
 from data import load_dataset, make_partition
 from data.settings import partition_settings
+from ddome_strategy.arrays import GATE_PREFIX, load_part
 from ddome_strategy.models import Classifier, build_gate, build_model, pick_device
 from ddome_strategy.moe import anchor_loss, mixture_loss, routing_error, zero_shot_predictions
 
@@ -45,7 +47,13 @@ def _plan(dataset_name: str, data_root: str, settings: tuple):
 
 def load_local_data(cfg, partition_id: int, data_root: str) -> LocalData:
     """Load the partition ``partition_id`` (cached per process)."""
-    dataset, plan = _plan(str(cfg["dataset"]), data_root, tuple(sorted(partition_settings(cfg).items())))
+    return _local_data(str(cfg["dataset"]), data_root, tuple(sorted(partition_settings(cfg).items())), partition_id)
+
+
+@lru_cache(maxsize=64)
+def _local_data(dataset_name: str, data_root: str, settings: tuple, partition_id: int) -> LocalData:
+    # Slicing the dataset copies the samples: keep a client's slices for later rounds.
+    dataset, plan = _plan(dataset_name, data_root, settings)
     train_idx = (
         torch.as_tensor(plan.train_indices[partition_id], dtype=torch.long)
         if partition_id < plan.num_train_clients
@@ -72,6 +80,22 @@ def build_expert(cfg, data: LocalData) -> Classifier:
 def build_local_gate(cfg, embedding_dim: int) -> nn.Module:
     """The gate of the configured width."""
     return build_gate(embedding_dim, int(cfg["num-experts"]), int(cfg["gate-hidden"]))
+
+
+def expert_from(cfg, data: LocalData, record: ArrayRecord, prefix: str) -> Classifier:
+    """An expert with the weights stored under ``prefix`` in ``record``."""
+    with torch.device("meta"):  # no random initialisation: the weights come next
+        model = build_expert(cfg, data)
+    load_part(model, record, prefix, assign=True)
+    return model
+
+
+def gate_from(cfg, embedding_dim: int, record: ArrayRecord) -> nn.Module:
+    """The gate with the weights stored in ``record``."""
+    with torch.device("meta"):
+        gate = build_local_gate(cfg, embedding_dim)
+    load_part(gate, record, GATE_PREFIX, assign=True)
+    return gate
 
 
 @torch.no_grad()

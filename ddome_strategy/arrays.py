@@ -45,10 +45,14 @@ def experts_in(record: ArrayRecord) -> list[int]:
     return sorted(found)
 
 
-def load_part(module: nn.Module, record: ArrayRecord, prefix: str) -> None:
-    """Load the ``prefix`` part of ``record`` into ``module`` (strict)."""
+def load_part(module: nn.Module, record: ArrayRecord, prefix: str, assign: bool = False) -> None:
+    """Load the ``prefix`` part of ``record`` into ``module`` (strict).
+
+    ``assign=True`` makes the loaded tensors the module's own: for a module built on the
+    ``meta`` device, which then never pays for a random initialisation.
+    """
     state = {k[len(prefix) :]: torch.from_numpy(v.numpy()) for k, v in record.items() if k.startswith(prefix)}
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def pack_part(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:

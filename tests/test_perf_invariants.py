@@ -18,6 +18,7 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
 
     monkeypatch.setattr(client_module, "embed", counting_embed)
     task._plan.cache_clear()
+    task._local_data.cache_clear()
     config = {
         **DEFAULTS,
         "config-file": "configs/digits-tiny.yaml",
@@ -30,6 +31,8 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
     # Each of the 13 clients embeds its training and its evaluation data exactly once,
     # although most of them took part in 6 training rounds and 3 evaluations.
     assert len(calls) == 2 * 13
-    # The dataset is loaded and partitioned once for the whole process.
+    # The dataset is loaded and partitioned once for the whole process, and each client's
+    # slice of it is cut once.
     assert task._plan.cache_info().misses == 1
-    assert task._plan.cache_info().hits > 13
+    assert task._local_data.cache_info().misses == 13
+    assert task._local_data.cache_info().hits > 13
