@@ -160,7 +160,9 @@ class PhaseTimer(InProcessGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        task = next((str(m.content[CONFIG][TASK]) for m in messages), "none")
+        if not messages:
+            return []
+        task = str(messages[0].content[CONFIG][TASK])
         started = time.perf_counter()
         replies = super().send_and_receive(messages, timeout=timeout)
         self.seconds[f"clients: {task}"] += time.perf_counter() - started
