@@ -4,6 +4,7 @@ and unseen test clients holding label combinations no training client has."""
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,15 +64,33 @@ def _even_counts(labels: tuple[int, ...], total: int) -> dict[int, int]:
     return {y: base + (i < extra) for i, y in enumerate(labels)}
 
 
+def _group_sets(groups: list[tuple[int, ...]], per_client: int, rng) -> list[tuple[int, ...]]:
+    """Every union of ``per_client`` anchor groups, as sorted label tuples, in random order."""
+    combos = list(itertools.combinations(range(len(groups)), per_client))
+    return [tuple(sorted(y for g in combos[i] for y in groups[g])) for i in rng.permutation(len(combos))]
+
+
 def _unseen_free_sets(taken: set, num_classes: int, size: int, count: int, rng) -> list[tuple[int, ...]]:
+    """``count`` distinct label sets of ``size`` labels, none of them in ``taken``."""
     sets: list[tuple[int, ...]] = []
     for _ in range(10_000):
         if len(sets) == count:
-            return sets
+            break
         candidate = tuple(sorted(rng.choice(num_classes, size=size, replace=False).tolist()))
         if candidate not in taken and candidate not in sets:
             sets.append(candidate)
-    raise ValueError(f"Could not find {count} unseen label combinations of {size} labels; lower num-test-clients.")
+    if len(sets) == count:
+        return sets
+    # Sampling rarely fails unless few sets are left: list them, so only a truly
+    # impossible request raises (sampling first keeps earlier seeds' plans unchanged).
+    if math.comb(num_classes, size) <= 100_000:
+        options = [c for c in itertools.combinations(range(num_classes), size) if c not in taken]
+        if len(options) >= count:
+            return [options[i] for i in rng.permutation(len(options))[:count]]
+    raise ValueError(
+        f"num-test-clients={count} is more than the label combinations of {size} labels "
+        "that no training client holds; lower it or change labels-per-client."
+    )
 
 
 def make_partition(
@@ -104,7 +123,9 @@ def make_partition(
     num_train_clients : int
         S: training clients, anchors included.
     num_test_clients : int
-        T: unseen test clients; each holds all test images of its labels.
+        T: unseen test clients; each holds all test images of its labels, a set of
+        ``labels_per_client`` labels no training client holds: a union of anchor groups
+        in "grouped" mode (and in "dirichlet" mode where that fits), any labels in "free".
     labels_per_client : int
         Labels of a normal or test client (a multiple of the group size in "grouped").
     mode : str (default: "grouped")
@@ -143,7 +164,14 @@ def make_partition(
     )
     _check(0 <= public_fraction < 1, "public-fraction must be in [0, 1).")
     _check(samples_per_client >= 1, "samples-per-client must be at least 1.")
+    _check(eval_samples_per_client >= 0, "eval-samples-per-client must be non-negative.")
+    _check(dirichlet_alpha > 0, f"dirichlet-alpha={dirichlet_alpha} must be positive.")
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        _check(
+            labels.size == 0 or 0 <= labels.min() <= labels.max() < num_classes,
+            f"{split}_labels must lie in 0..{num_classes - 1} (num_classes={num_classes}).",
+        )
     rng = np.random.default_rng(seed)
 
     public = _public_split(train_labels, public_fraction, rng)
@@ -167,13 +195,11 @@ def make_partition(
             per_client >= 2,
             f"labels-per-client={labels_per_client} must span at least two anchor groups of {group_size} labels in grouped mode.",
         )
-        combos = list(itertools.combinations(range(num_experts), per_client))
-        combos = [combos[i] for i in rng.permutation(len(combos))]
+        as_labels = _group_sets(groups, per_client, rng)
         _check(
-            num_test_clients < len(combos),
-            f"num-test-clients={num_test_clients} leaves none of the {len(combos)} group combinations for training clients; lower it or use partition-mode free.",
+            num_test_clients < len(as_labels),
+            f"num-test-clients={num_test_clients} leaves none of the {len(as_labels)} group combinations for training clients; lower it or use partition-mode free.",
         )
-        as_labels = [tuple(sorted(y for g in combo for y in groups[g])) for combo in combos]
         test_sets = as_labels[:num_test_clients]
         train_sets = as_labels[num_test_clients:]
         normal_sets = [train_sets[i % len(train_sets)] for i in range(num_normal)]
@@ -196,9 +222,13 @@ def make_partition(
             train_indices.append(_draw(train_pools, _even_counts(labels, samples_per_client), rng))
             client_labels.append(labels)
 
+    if mode == "dirichlet" and labels_per_client % group_size == 0 and labels_per_client // group_size >= 2:
+        # As in grouped mode where it fits: unions of anchor groups no training client holds.
+        unseen = [s for s in _group_sets(groups, labels_per_client // group_size, rng) if s not in set(client_labels)]
+        if len(unseen) >= num_test_clients:
+            test_sets = unseen[:num_test_clients]
     if test_sets is None:
-        # Free and Dirichlet modes: test label sets equal to no training client's set.
-        # In Dirichlet mode the test clients keep a size of labels_per_client.
+        # Free mode (and Dirichlet otherwise): any label sets no training client holds.
         test_sets = _unseen_free_sets(set(client_labels), num_classes, labels_per_client, num_test_clients, rng)
 
     eval_indices = [_draw(test_pools, _even_counts(labels, eval_samples_per_client), rng) for labels in client_labels]

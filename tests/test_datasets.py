@@ -114,6 +114,16 @@ def test_digits_loads_deterministically():
     assert torch.equal(a.train_y, b.train_y)
 
 
+def test_a_failed_download_names_the_root_and_the_offline_way(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tv.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(RuntimeError, match="download failed") as raised:
+        load_dataset("cifar10", str(tmp_path))
+    assert str(tmp_path) in str(raised.value) and "Offline" in str(raised.value)
+
+
 def test_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="mnist"):
         load_dataset("mnist")

@@ -1,6 +1,7 @@
 """The paper's partitions: disjoint anchors, unseen test combinations, determinism."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -99,10 +100,30 @@ def test_dirichlet_with_small_alpha_is_skewed():
     assert np.mean(top_share) > 0.5  # a uniform mix would give ~0.1
 
 
+def test_dirichlet_test_clients_are_unseen_unions_of_anchor_groups_where_they_fit():
+    # Both modes draw the anchor groups from the same seed before anything else.
+    groups = anchor_groups(plan(mode="grouped"))
+    p = plan(mode="dirichlet")
+    for labels in p.client_labels[p.num_train_clients :]:
+        assert sum(g <= set(labels) for g in groups) == 2 and len(labels) == 4
+    # Three labels are no union of 2-label groups: free sets of three labels instead.
+    p = plan(mode="dirichlet", labels_per_client=3)
+    assert all(len(labels) == 3 for labels in p.client_labels[p.num_train_clients :])
+
+
+def test_free_mode_raises_when_no_unseen_label_set_is_left():
+    # One 10-label set exists and the single normal client holds it.
+    with pytest.raises(ValueError, match="num-test-clients"):
+        plan(mode="free", labels_per_client=10, num_train_clients=6, num_test_clients=1)
+
+
 @pytest.mark.parametrize(
     ("kw", "key"),
     [
         ({"num_experts": 11}, "num-experts"),
+        ({"dirichlet_alpha": 0.0, "mode": "dirichlet"}, "dirichlet-alpha"),
+        ({"eval_samples_per_client": -1}, "eval-samples-per-client"),
+        ({"num_classes": 8}, "train_labels"),
         ({"num_train_clients": 4}, "num-train-clients"),
         ({"labels_per_client": 3}, "labels-per-client"),
         ({"labels_per_client": 2}, "labels-per-client"),
@@ -116,16 +137,29 @@ def test_bad_arguments_name_the_key(kw, key):
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    extra_clients=st.integers(0, 8),
-    test_clients=st.integers(1, 3),
-    mode=st.sampled_from(PARTITION_MODES),
-    seed=st.integers(0, 10_000),
-)
-def test_any_valid_plan_is_consistent(extra_clients, test_clients, mode, seed):
-    p = plan(num_train_clients=5 + extra_clients, num_test_clients=test_clients, mode=mode, seed=seed)
-    assert len(p.client_labels) == p.num_partitions == 5 + extra_clients + test_clients
+@given(data=st.data(), mode=st.sampled_from(PARTITION_MODES), seed=st.integers(0, 10_000))
+def test_any_valid_plan_is_consistent(data, mode, seed):
+    experts = data.draw(st.sampled_from([3, 5]), label="num_experts")
+    group_size = CLASSES // experts
+    groups_per_client = data.draw(st.integers(2, experts - 1), label="groups per client")
+    test_clients = data.draw(st.integers(1, math.comb(experts, groups_per_client) - 1), label="num_test_clients")
+    train_clients = experts + data.draw(st.integers(0, 8), label="normal clients")
+    p = plan(
+        num_experts=experts,
+        num_train_clients=train_clients,
+        num_test_clients=test_clients,
+        labels_per_client=groups_per_client * group_size,
+        mode=mode,
+        seed=seed,
+    )
+    assert len(p.client_labels) == len(p.eval_indices) == p.num_partitions == train_clients + test_clients
     assert len(p.train_indices) == p.num_train_clients
-    assert all(len(i) > 0 for i in p.train_indices)
+    public = set(p.public_indices.tolist())
+    for pid, idx in enumerate(p.train_indices):
+        assert 0 < len(idx) == len(set(idx.tolist())) <= 60
+        assert set(TRAIN[idx].tolist()) <= set(p.client_labels[pid]) and not public & set(idx.tolist())
+    for pid, idx in enumerate(p.eval_indices):
+        assert set(TEST[idx].tolist()) <= set(p.client_labels[pid])
     train_sets = {tuple(sorted(s)) for s in p.client_labels[: p.num_train_clients]}
-    assert not train_sets & {tuple(sorted(s)) for s in p.client_labels[p.num_train_clients :]}
+    test_sets = [tuple(sorted(s)) for s in p.client_labels[p.num_train_clients :]]
+    assert len(set(test_sets)) == test_clients and not train_sets & set(test_sets)
