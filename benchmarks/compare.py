@@ -3,6 +3,7 @@
     python -m benchmarks.compare                          # the CPU preset (Fashion-MNIST)
     python -m benchmarks.compare --config-file configs/cifar10.yaml --seeds 0,1
     python -m benchmarks.compare --run-config anchors-per-round=2 top-k=1   # ablations
+    python -m benchmarks.compare --engine simulation      # through flwr.simulation (Ray)
 
 Methods: DDOME; FedAvg and FedProx (Flower's own strategies, one model); FedMix (all M
 experts sent every round, gate on the common-expert embedding, no anchors); Avg-Ensembles
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from benchmarks.report import routing_matrix, write_report
@@ -35,6 +37,7 @@ from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid
 
 METHODS = ("ddome", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
+ENGINES = ("inprocess", "simulation")
 
 
 class CountingGrid:
@@ -47,7 +50,7 @@ class CountingGrid:
         self.train_bytes = 0
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.grid.get_node_ids()) if self.visible is None else self.visible
+        return list(self.grid.get_node_ids()) if self.visible is None else list(self.visible)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -74,6 +77,27 @@ def _partition_roles(cfg) -> Callable[[int], tuple[str, int]]:
     return lambda pid: (NORMAL, -1) if pid < cfg["num-train-clients"] else (TEST, -1)
 
 
+def discover_partitions(grid: Grid, cfg: dict) -> dict[int, int]:
+    """Node id -> partition id, asked of every node with the ClientApp's role query
+    (works on any Grid: node ids are arbitrary in Flower's simulation)."""
+    num_nodes = cfg["num-train-clients"] + cfg["num-test-clients"]
+    deadline = time.monotonic() + cfg["round-timeout"]
+    while len(nodes := list(grid.get_node_ids())) < num_nodes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {num_nodes} nodes connected")
+        time.sleep(0.5)
+    queries = [
+        Message(
+            RecordDict({CONFIG: ConfigRecord({**client_config(cfg), TASK: "role"})}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+        )
+        for n in nodes
+    ]
+    replies = grid.send_and_receive(queries, timeout=cfg["round-timeout"])
+    return {r.metadata.src_node_id: int(r.content[CONFIG]["partition-id"]) for r in replies if not r.has_error()}
+
+
 def _mean_by_group(replies: list[Message], groups: dict[int, str]) -> dict[str, float]:
     by_group: dict[str, list[float]] = {}
     for reply in replies:
@@ -84,12 +108,9 @@ def _mean_by_group(replies: list[Message], groups: dict[int, str]) -> dict[str, 
     return {f"{g}/zero-shot-acc": float(np.mean(v)) for g, v in by_group.items()}
 
 
-def _evaluator(grid: InProcessGrid, cfg: dict, task: str, every: int, last: int, history: list):
+def _evaluator(grid: Grid, partitions: dict[int, int], cfg: dict, task: str, every: int, last: int, history: list):
     """An ``evaluate_fn`` that sends ``arrays`` to every client for ``task``."""
-    groups = {
-        node: "test" if ctx.node_config["partition-id"] >= cfg["num-train-clients"] else "train"
-        for node, ctx in grid.contexts.items()
-    }
+    groups = {node: "test" if pid >= cfg["num-train-clients"] else "train" for node, pid in partitions.items()}
     if not cfg["eval-train-clients"]:
         groups = {n: g for n, g in groups.items() if g == "test"}
     config = ConfigRecord({**client_config(cfg), TASK: task})
@@ -108,14 +129,13 @@ def _evaluator(grid: InProcessGrid, cfg: dict, task: str, every: int, last: int,
     return evaluate_fn
 
 
-def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str], None]) -> dict:
-    """Run one method on a fresh in-process federation; return its figures."""
-    num_nodes = cfg["num-train-clients"] + cfg["num-test-clients"]
-    grid = InProcessGrid(client_app, num_nodes, {"data-root": cfg["data-root"]})
+def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str], None], grid: Grid) -> dict:
+    """Run one method on ``grid`` (a fresh federation: no node has state yet); return its figures."""
     rounds, history, train_bytes = cfg["num-server-rounds"], [], []
+    started = time.perf_counter()
+    partitions = discover_partitions(grid, cfg)
     random.seed(cfg["seed"])  # Flower's FedAvg samples with Python's random
     torch.manual_seed(cfg["seed"])
-    started = time.perf_counter()
     per_round = cfg["anchors-per-round"] + cfg["normal-per-round"]
 
     def on_metrics(server_round, stage, metrics, arrays):
@@ -138,20 +158,23 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         strategy = build_strategy(cfg, common, on_metrics, cls=cls, **options)
         evaluate_fn = None
         if method == "avg-ensembles":
-            evaluate_fn = _evaluator(grid, cfg, baselines.EVALUATE_ENSEMBLE, cfg["eval-every"], rounds, history)
+            evaluate_fn = _evaluator(
+                grid, partitions, cfg, baselines.EVALUATE_ENSEMBLE, cfg["eval-every"], rounds, history
+            )
         strategy.start(grid, build_moe(cfg, dataset, common), num_rounds=rounds, evaluate_fn=evaluate_fn)
         bytes_per_round = float(np.mean(train_bytes))
     elif method in ("fedavg", "fedprox"):
-        counting = CountingGrid(
-            grid, [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]]
-        )
+        # Baselines sample among the training clients, listed in partition order so that
+        # Flower's sampling picks the same partitions whatever the engine's node ids.
+        train_nodes = sorted((n for n, pid in partitions.items() if pid < cfg["num-train-clients"]), key=partitions.get)
+        counting = CountingGrid(grid, train_nodes)
         fraction = per_round / cfg["num-train-clients"]
         kwargs = dict(
             fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=per_round, min_available_nodes=per_round
         )
         strategy = FedProx(proximal_mu=cfg["fedprox-mu"], **kwargs) if method == "fedprox" else FedAvg(**kwargs)
         train_config = ConfigRecord({**client_config(cfg), TASK: baselines.TRAIN_SINGLE})
-        evaluate_fn = _evaluator(grid, cfg, baselines.EVALUATE_SINGLE, cfg["eval-every"], rounds, history)
+        evaluate_fn = _evaluator(grid, partitions, cfg, baselines.EVALUATE_SINGLE, cfg["eval-every"], rounds, history)
 
         def progress_fn(server_round, arrays):
             if server_round:
@@ -167,7 +190,7 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         )
         bytes_per_round = counting.train_bytes / rounds
     else:  # the common expert alone: no training, no traffic
-        _evaluator(grid, cfg, baselines.EVALUATE_SINGLE, 1, 1, history)(1, ArrayRecord(common.state_dict()))
+        _evaluator(grid, partitions, cfg, baselines.EVALUATE_SINGLE, 1, 1, history)(1, ArrayRecord(common.state_dict()))
         history[-1]["round"] = rounds
         bytes_per_round = 0.0
     final = history[-1]
@@ -179,9 +202,36 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         "wall-seconds": time.perf_counter() - started,
         "history": history,
     }
-    if method == "ddome":
+    if method in ("ddome", "fedmix"):
         result["routing"] = routing_matrix(cfg, dataset, common, strategy.arrays)
     return result
+
+
+def run_on_engine(engine: str, method: str, cfg: dict, dataset, common, progress: Callable[[str], None]) -> dict:
+    """Run one method on a fresh federation of ``engine``: ``inprocess`` (an
+    :class:`InProcessGrid`) or ``simulation`` (``flwr.simulation.run_simulation``, Ray)."""
+    num_nodes = cfg["num-train-clients"] + cfg["num-test-clients"]
+    if engine == "inprocess":
+        grid = InProcessGrid(client_app, num_nodes, {"data-root": cfg["data-root"]})
+        return run_method(method, cfg, dataset, common, progress, grid)
+    from flwr.simulation import run_simulation
+
+    results: list[dict] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context) -> None:
+        results.append(run_method(method, cfg, dataset, common, progress, grid))
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_nodes,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    if not results:
+        raise RuntimeError(f"{method}: the simulation's ServerApp did not finish (see the log above)")
+    return results[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -193,6 +243,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument(
         "--seeds", default="0", help="comma-separated seeds; each gets its own partition and common expert"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="inprocess",
+        help="inprocess: InProcessGrid (fast, deterministic); simulation: flwr.simulation.run_simulation (Ray)",
     )
     parser.add_argument("--fedprox-mu", type=float, default=0.01, help="FedProx's proximal term")
     parser.add_argument("--out", default="", help="output folder (default outputs/benchmark-<time>)")
@@ -230,14 +286,16 @@ def main(argv=None) -> Path:
         dataset, common, _ = build_common_expert(cfg)
         for method in methods:
             print(f"[seed {seed}] {method} ...", flush=True)
-            result = run_method(method, cfg, dataset, common, lambda line: print(f"  [seed {seed}] {line}", flush=True))
+            result = run_on_engine(
+                args.engine, method, cfg, dataset, common, lambda line: print(f"  [seed {seed}] {line}", flush=True)
+            )
             result["seed"] = seed
             results.append(result)
             print(
                 f"[seed {seed}] {method}: zero-shot {result['zero-shot-acc']:.4f} ({result['wall-seconds']:.1f} s)",
                 flush=True,
             )
-    config = {k: v for k, v in cfg.items() if k != "seed"}
+    config = {**{k: v for k, v in cfg.items() if k != "seed"}, "engine": args.engine}
     command = " ".join(["python -m benchmarks.compare", *(argv if argv is not None else sys.argv[1:])])
     (out / "results.json").write_text(json.dumps({"command": command, "config": config, "results": results}, indent=2))
     write_report(out, results, config, command)

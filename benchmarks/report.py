@@ -100,14 +100,20 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_routing(routing: dict, path: Path) -> None:
-    """Heatmap: which experts the gate picks for which clients (label groups)."""
+def plot_routing(routing: dict, path: Path, method: str = "ddome", top_k: int | None = None) -> None:
+    """Heatmap: which experts the gate picks for which clients (label groups); a white
+    frame marks each client's top-K experts, the ones the server would send it."""
     matrix = np.asarray(routing["matrix"])
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * matrix.shape[1], 1 + 0.28 * matrix.shape[0]))
     image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    if top_k:
+        for row, scores in enumerate(matrix):
+            for col in np.argsort(-scores, kind="stable")[:top_k]:
+                ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="white", lw=1.2))
     ax.set_xticks(range(matrix.shape[1]), [f"expert {i}" for i in range(matrix.shape[1])], rotation=45, ha="right")
     ax.set_yticks(range(matrix.shape[0]), routing["clients"], fontsize=7)
-    ax.set_title("DDOME gate: mean routing probability per client")
+    picks = f", frames: top-{top_k}" if top_k else ""
+    ax.set_title(f"{NAMES.get(method, method)} gate: mean routing probability per client{picks}", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -121,4 +127,6 @@ def write_report(out: Path, results: list[dict], config: dict, command: str) -> 
     plot_accuracy(results, out / "accuracy.png")
     for r in results:
         if "routing" in r:
-            plot_routing(r["routing"], out / f"routing-seed{r['seed']}.png")
+            name = "routing" if r["method"] == "ddome" else f"routing-{r['method']}"
+            top_k = config["top-k"] if r["method"] == "ddome" else None  # FedMix sends all M
+            plot_routing(r["routing"], out / f"{name}-seed{r['seed']}.png", r["method"], top_k)
