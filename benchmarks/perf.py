@@ -1,15 +1,22 @@
 """Speed and scale of DDOME, next to the limit of the hardware. Prints figures; asserts nothing.
 
-    python -m benchmarks.perf                 # CPU preset + a larger one, all sections
-    python -m benchmarks.perf --sections bytes,scale
+    python -m benchmarks.perf                      # every section, CPU preset + a larger one
+    python -m benchmarks.perf --sections rounds --presets cpu
+    python -m benchmarks.perf --sections gpu       # on a machine with CUDA
 
 Sections:
   rounds  per-round wall time: DDOME through Flower's simulation engine (Ray) and through the
-          in-process grid, the same local training as one plain PyTorch loop (the limit),
-          and Flower's FedAvg training one model of the expert's size
-  phases  where a DDOME round's time goes (role query, routing, training, aggregation, evaluation)
+          in-process grid; the same local training as one plain PyTorch loop (the limit: the
+          faster of one thread and every core); Flower's FedAvg training one model of the
+          expert's size (in-process and simulated); training samples per second
+  phases  where a DDOME round's time goes (role query, routing, dispatch, local training,
+          aggregation, evaluation, checkpoint), in-process grid
   bytes   bytes per round of DDOME and FedMix as M grows (K = 2), from the real messages
-  scale   time per round and peak memory with 100 and 1000 clients (10 per round)
+  scale   time per round and peak memory with 100 and 1000 clients (10 per round), each in
+          a fresh process so that its peak RSS is its own
+  poll    the simulation with Flower's default 0.1 s reply polling vs DDOME's 0.01 s
+  gpu     local-training samples per second on CUDA vs the CPU, and a simulated run with
+          ``client_resources.num_gpus`` (prints "no CUDA" where there is none)
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +38,10 @@ from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
+import ddome_strategy.strategy as strategy_module
+import server_app.app as server_module
 from client_app import baselines
+from client_app import task as client_task
 from client_app.app import app as client_app
 from client_app.task import build_expert, build_local_gate, embed, load_local_data, mean_gate_scores, train_local
 from ddome_strategy import DDOME, layout_roles
@@ -44,7 +56,9 @@ from server_app.inprocess import InProcessGrid, ensure_task_identity
 PRESETS = {
     "cpu": {},  # the app's defaults: Fashion-MNIST, MLP experts, 20 + 5 clients, 5 + 5 per round
     "larger": {"arch": "cnn", "num-train-clients": 50, "samples-per-client": 1000, "num-server-rounds": 10},
+    "tiny": {"config-file": "configs/digits-tiny.yaml"},  # the end-to-end test's run (8x8 digits)
 }
+CORES = os.cpu_count() or 1
 
 
 def config(preset: str, rounds: int | None = None, **extra) -> dict:
@@ -54,6 +68,11 @@ def config(preset: str, rounds: int | None = None, **extra) -> dict:
         overrides["num-server-rounds"] = rounds
     overrides["eval-every"] = overrides.get("num-server-rounds", DEFAULTS["num-server-rounds"])
     return resolve({**DEFAULTS, **overrides})
+
+
+def samples_per_round(cfg: dict) -> int:
+    """Training samples processed per round (each sampled client's data, every local epoch)."""
+    return (cfg["anchors-per-round"] + cfg["normal-per-round"]) * cfg["samples-per-client"] * cfg["local-epochs"]
 
 
 def round_times(summary: dict) -> list[float]:
@@ -68,32 +87,52 @@ def ddome_in_process(cfg: dict) -> list[float]:
     return round_times(run_ddome(grid, cfg))
 
 
-def ddome_in_simulation(cfg: dict) -> list[float]:
-    summaries = []
-    app = ServerApp()
+def _simulate(server: ServerApp, num_supernodes: int, num_gpus: float = 0.0) -> None:
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=num_supernodes,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": num_gpus}},
+    )
 
-    @app.main()
+
+def ddome_in_simulation(cfg: dict, num_gpus: float = 0.0) -> list[float]:
+    """DDOME through Flower's simulation engine (Ray backend, one CPU per client, so
+    as many clients at once as there are cores)."""
+    summaries = []
+    server = ServerApp()
+
+    @server.main()
     def main(grid, context):
         summaries.append(run_ddome(grid, cfg))
 
-    run_simulation(
-        server_app=app,
-        client_app=client_app,
-        num_supernodes=cfg["num-train-clients"] + cfg["num-test-clients"],
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
+    _simulate(server, cfg["num-train-clients"] + cfg["num-test-clients"], num_gpus)
     return round_times(summaries[0])
 
 
-def plain_pytorch(cfg: dict) -> list[float]:
+def polling(cfg: dict, repeats: int) -> dict[float, list[float]]:
+    """DDOME through the simulation with Flower's default reply polling (every 0.1 s) and
+    with DDOME's (every ``POLL_INTERVAL``), alternating, ``repeats`` runs each: medians."""
+    out: dict[float, list[float]] = {0.1: [], strategy_module.POLL_INTERVAL: []}
+    default = strategy_module.POLL_INTERVAL
+    try:
+        for _ in range(repeats):
+            for interval in out:
+                strategy_module.POLL_INTERVAL = interval
+                out[interval].append(float(np.median(ddome_in_simulation(cfg))))
+    finally:
+        strategy_module.POLL_INTERVAL = default
+    return out
+
+
+def plain_pytorch(cfg: dict, threads: int) -> list[float]:
     """The same local work as DDOME's rounds (same sampling, routing by mean gate score,
     joint training, per-expert averaging) as one loop: no messages, no serialisation."""
     dataset, common, _ = build_common_expert(cfg)
     arrays = build_moe(cfg, dataset, common)
     m, s = cfg["num-experts"], cfg["num-train-clients"]
-    # One process may use every core (the simulation runs one client per core).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     rng = np.random.default_rng(cfg["seed"])
     local = {pid: load_local_data(cfg, pid, cfg["data-root"]) for pid in range(s)}
     embeddings = {pid: embed(common, d.train_x) for pid, d in local.items()}  # once, as clients do
@@ -120,19 +159,11 @@ def plain_pytorch(cfg: dict) -> list[float]:
             updates.append((ArrayRecord(state), float(len(data.train_y))))
         arrays = aggregate_moe(arrays, updates)
         times.append(time.perf_counter() - started)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(before)
     return times[1:]
 
 
-def fedavg_in_process(cfg: dict) -> list[float]:
-    """Flower's FedAvg training one model of the experts' size on the same clients."""
-    from benchmarks.compare import CountingGrid
-
-    _, common, _ = build_common_expert(cfg)
-    grid = InProcessGrid(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
-    training = CountingGrid(
-        grid, [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]]
-    )
+def _fedavg(cfg: dict, grid, common) -> list[float]:
     per_round = cfg["anchors-per-round"] + cfg["normal-per-round"]
     strategy = FedAvg(
         fraction_train=per_round / cfg["num-train-clients"],
@@ -142,7 +173,7 @@ def fedavg_in_process(cfg: dict) -> list[float]:
     )
     stamps = []
     strategy.start(
-        training,
+        grid,
         ArrayRecord(common.state_dict()),
         num_rounds=cfg["num-server-rounds"],
         train_config=ConfigRecord({**client_config(cfg), TASK: baselines.TRAIN_SINGLE}),
@@ -151,12 +182,34 @@ def fedavg_in_process(cfg: dict) -> list[float]:
     return list(np.diff(stamps))[1:]
 
 
+def fedavg_in_process(cfg: dict) -> list[float]:
+    """Flower's FedAvg training one model of the experts' size on the same clients."""
+    _, common, _ = build_common_expert(cfg)
+    return _fedavg(cfg, InProcessGrid(client_app, cfg["num-train-clients"]), common)
+
+
+def fedavg_in_simulation(cfg: dict) -> list[float]:
+    """The same through Flower's simulation engine (the training clients only)."""
+    _, common, _ = build_common_expert(cfg)
+    times = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        times.extend(_fedavg(cfg, grid, common))
+
+    _simulate(server, cfg["num-train-clients"])
+    return times
+
+
 class PhaseTimer(InProcessGrid):
-    """Times each send_and_receive by the task of its messages."""
+    """Times each send_and_receive by the task of its messages (client-side work,
+    including (de)serialising the records, since that runs inside the ClientApp)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seconds = defaultdict(float)
+        self.in_grid = 0.0
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -165,31 +218,49 @@ class PhaseTimer(InProcessGrid):
         task = str(messages[0].content[CONFIG][TASK])
         started = time.perf_counter()
         replies = super().send_and_receive(messages, timeout=timeout)
-        self.seconds[f"clients: {task}"] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.in_grid += elapsed
+        self.seconds[
+            {"role": "1 role query (clients)", "route": "2 routing (clients: mean gate scores)"}.get(
+                task, f"4 {task} (clients)"
+            )
+        ] += elapsed
         return replies
 
 
 def phases(cfg: dict) -> dict[str, float]:
     """Seconds per round in each phase of DDOME (in-process grid, so no transport)."""
     grid = PhaseTimer(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
-    original = DDOME.aggregate_train
+    patched = {}
 
-    def timed_aggregate(self, server_round, replies):
-        started = time.perf_counter()
-        result = original(self, server_round, replies)
-        grid.seconds["server: aggregation + checks"] += time.perf_counter() - started
-        return result
+    def timed(owner, name, label, server_side=True):
+        original = getattr(owner, name)
+        patched[(owner, name)] = original
 
-    DDOME.aggregate_train = timed_aggregate
+        def wrapper(*args, **kwargs):
+            in_grid, started = grid.in_grid, time.perf_counter()
+            result = original(*args, **kwargs)
+            # Server-side time only: the clients' part (role query, routing) is counted above.
+            grid.seconds[label] += time.perf_counter() - started - (grid.in_grid - in_grid)
+            return result
+
+        setattr(owner, name, wrapper)
+
+    timed(DDOME, "configure_train", "3 sampling + dispatch (server: select top-K, build messages)")
+    timed(DDOME, "configure_evaluate", "3 sampling + dispatch (server: select top-K, build messages)")
+    timed(DDOME, "aggregate_train", "5 aggregation + update checks (server)")
+    timed(DDOME, "aggregate_evaluate", "5 aggregation + update checks (server)")
+    timed(server_module, "save_checkpoint", "6 checkpoint after every round (server)")
     try:
         started = time.perf_counter()
         run_ddome(grid, cfg)
         total = time.perf_counter() - started
     finally:
-        DDOME.aggregate_train = original
+        for (owner, name), original in patched.items():
+            setattr(owner, name, original)
     rounds = cfg["num-server-rounds"]
-    out = {k: v / rounds for k, v in sorted(grid.seconds.items())}
-    out["total run incl. common expert, start-up (per round)"] = total / rounds
+    out = {k[2:]: v / rounds for k, v in sorted(grid.seconds.items())}
+    out["whole run per round (incl. start-up, common expert, embeddings)"] = total / rounds
     return out
 
 
@@ -243,52 +314,170 @@ def bytes_per_round(num_experts: int, fedmix: bool, cfg: dict) -> float:
     return float(result.train_metrics_clientapp[2]["bytes-total"])
 
 
+def _vm(field: str) -> float:
+    """A field of /proc/self/status in MB (VmRSS: now, VmHWM: peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale_one(clients: int, rounds: int, simulate: bool) -> dict:
+    """One scale measurement in this (fresh) process."""
+    cfg = config("cpu", rounds, **{"num-train-clients": clients})
+    build_common_expert(cfg)  # cached on disk after the first run: not part of the figure
+    client_task._plan(str(cfg["dataset"]), cfg["data-root"], tuple(sorted(client_task.partition_settings(cfg).items())))
+    before = _vm("VmRSS")
+    started = time.perf_counter()
+    times = ddome_in_simulation(cfg) if simulate else ddome_in_process(cfg)
+    return {
+        "clients": clients,
+        "engine": "simulation (Ray)" if simulate else "in-process grid",
+        "round_s": float(np.median(times)),
+        "run_s": time.perf_counter() - started,
+        "rss_before_rounds_mb": before,
+        "peak_rss_mb": _vm("VmHWM"),
+        "rss_after_mb": _vm("VmRSS"),
+        "partition_cache": str(client_task._local_data.cache_info()),
+    }
+
+
+def scale(rounds: int, simulate: bool) -> list[dict]:
+    out = []
+    for clients in (100, 1000):
+        command = [sys.executable, "-m", "benchmarks.perf", "--scale-one", str(clients), "--rounds", str(rounds)]
+        if simulate:
+            command.append("--simulate")
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("SCALE ")]
+        out.append(json.loads(lines[-1][6:]) if lines else {"clients": clients, "error": done.stderr[-2000:]})
+    return out
+
+
+def throughput(cfg: dict, device: torch.device, repeats: int = 3) -> float:
+    """Samples per second of one normal client's local training (gate + K experts)."""
+    real = client_task.pick_device
+    client_task.pick_device = lambda: device
+    try:
+        dataset, common, _ = build_common_expert(cfg)
+        arrays = build_moe(cfg, dataset, common)
+        data = load_local_data(cfg, cfg["num-experts"], cfg["data-root"])
+        embeddings = embed(common, data.train_x)
+        best = float("inf")
+        for repeat in range(repeats + 1):
+            gate = build_local_gate(cfg, common.feature_dim)
+            load_part(gate, arrays, GATE_PREFIX)
+            experts = {}
+            for e in range(cfg["top-k"]):
+                experts[e] = build_expert(cfg, data)
+                load_part(experts[e], arrays, expert_prefix(e))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            train_local(cfg, gate, experts, data.train_x, embeddings, data.train_y, None, repeat)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if repeat:  # the first is a warm-up
+                best = min(best, time.perf_counter() - started)
+        return len(data.train_y) * cfg["local-epochs"] / best
+    finally:
+        client_task.pick_device = real
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="rounds,phases,bytes,scale")
+    parser.add_argument("--sections", default="rounds,phases,bytes,scale,gpu")
     parser.add_argument("--rounds", type=int, default=10, help="rounds per timing run (the first is excluded)")
-    parser.add_argument(
-        "--presets", default=",".join(PRESETS), help=f"subset of {','.join(PRESETS)} for the rounds section"
-    )
+    parser.add_argument("--presets", default="cpu,larger", help=f"subset of {','.join(PRESETS)}")
+    parser.add_argument("--simulate", action="store_true", help="scale section through Ray instead of in-process")
+    parser.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scale_one:
+        print("SCALE " + json.dumps(scale_one(args.scale_one, args.rounds, args.simulate)))
+        return
     sections = args.sections.split(",")
+    presets = args.presets.split(",")
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {open('/proc/loadavg').read().split()[:3]}"
+        f"torch {torch.__version__}, {CORES} cores, torch threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}"
     )
     if "rounds" in sections:
-        for preset in args.presets.split(","):
+        for preset in presets:
             cfg = config(preset, args.rounds)
+            plain = {1: plain_pytorch(cfg, 1), CORES: plain_pytorch(cfg, CORES)}
+            best_threads = min(plain, key=lambda t: np.median(plain[t]))
             figures = {
-                "plain PyTorch loop (limit)": plain_pytorch(cfg),
-                "DDOME, in-process grid": ddome_in_process(cfg),
-                "DDOME, Flower simulation (Ray)": ddome_in_simulation(cfg),
+                "plain PyTorch loop, 1 thread": plain[1],
+                f"plain PyTorch loop, {CORES} threads": plain[CORES],
+                "DDOME, in-process grid (1 thread)": ddome_in_process(cfg),
+                f"DDOME, Flower simulation (Ray, {CORES} workers)": ddome_in_simulation(cfg),
                 "Flower FedAvg, one model, in-process": fedavg_in_process(cfg),
+                "Flower FedAvg, one model, simulation": fedavg_in_simulation(cfg),
             }
-            limit = float(np.median(figures["plain PyTorch loop (limit)"]))
-            print(f"\n[rounds] preset {preset}: median seconds per round (rounds 2..{args.rounds})")
+            limit = float(np.median(plain[best_threads]))
+            one = float(np.median(plain[1]))
+            print(
+                f"\n[rounds] preset {preset}: median seconds per round (rounds 2..{args.rounds}); "
+                f"limit = plain loop with {best_threads} thread(s); {samples_per_round(cfg)} training samples per round"
+            )
             for name, times in figures.items():
                 median = float(np.median(times))
-                print(f"  {name:40s} {median:7.3f} s   x{median / limit:5.2f} of the limit")
+                print(
+                    f"  {name:45s} {median:7.3f} s  x{median / limit:5.2f} of the limit  x{median / one:5.2f} of 1 thread"
+                    f"  {samples_per_round(cfg) / median:8.0f} samples/s"
+                )
     if "phases" in sections:
-        print("\n[phases] preset cpu: seconds per round by phase (in-process grid)")
-        for name, seconds in phases(config("cpu", args.rounds)).items():
-            print(f"  {name:55s} {seconds:7.3f}")
+        for preset in presets:
+            print(f"\n[phases] preset {preset}: seconds per round by phase (in-process grid)")
+            for name, seconds in phases(config(preset, args.rounds)).items():
+                print(f"  {name:66s} {seconds:7.3f}")
     if "bytes" in sections:
         print("\n[bytes] MB per round (training traffic, K=2, MLP experts, 5 + 5 clients)")
         for m in (5, 10, 20, 40):
             print(
-                f"  M={m:3d}  DDOME {bytes_per_round(m, False, DEFAULTS) / 1e6:8.2f}   FedMix {bytes_per_round(m, True, DEFAULTS) / 1e6:8.2f}"
+                f"  M={m:3d}  DDOME {bytes_per_round(m, False, DEFAULTS) / 1e6:8.2f}   "
+                f"FedMix {bytes_per_round(m, True, DEFAULTS) / 1e6:8.2f}"
             )
     if "scale" in sections:
-        print("\n[scale] 10 clients per round, in-process grid")
-        for clients in (100, 1000):
-            cfg = config("cpu", args.rounds, **{"num-train-clients": clients})
-            started = time.perf_counter()
-            times = ddome_in_process(cfg)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"\n[scale] preset cpu, 10 clients per round, {'simulation' if args.simulate else 'in-process grid'}, "
+            "one fresh process per size"
+        )
+        for row in scale(args.rounds, args.simulate):
+            if "error" in row:
+                print(f"  {row['clients']:5d} clients: failed: {row['error']}")
+                continue
             print(
-                f"  {clients:5d} clients: {np.median(times):.3f} s per round, whole run {time.perf_counter() - started:.1f} s, peak RSS so far {peak:.0f} MB"
+                f"  {row['clients']:5d} clients: {row['round_s']:.3f} s per round, {args.rounds}-round run "
+                f"{row['run_s']:.1f} s, RSS {row['rss_before_rounds_mb']:.0f} MB before the rounds, "
+                f"peak {row['peak_rss_mb']:.0f} MB, {row['rss_after_mb']:.0f} MB after; {row['partition_cache']}"
             )
+    if "poll" in sections:
+        for preset in presets:
+            print(f"\n[poll] preset {preset}: simulation, median seconds per round of each run, by polling interval")
+            for interval, medians in polling(config(preset, args.rounds), 3).items():
+                print(
+                    f"  poll every {interval:.2f} s: {' '.join(f'{m:.3f}' for m in medians)}  (median {np.median(medians):.3f})"
+                )
+    if "gpu" in sections:
+        print("\n[gpu] local training, one normal client (gate + K experts), samples per second")
+        for preset in presets:
+            cfg = config(preset, args.rounds)
+            cpu = throughput(cfg, torch.device("cpu"))
+            line = f"  preset {preset}: CPU {cpu:8.0f} samples/s"
+            if torch.cuda.is_available():
+                gpu = throughput(cfg, torch.device("cuda"))
+                line += f", CUDA ({torch.cuda.get_device_name()}) {gpu:8.0f} samples/s, x{gpu / cpu:.1f}"
+                sim = float(np.median(ddome_in_simulation(cfg, num_gpus=1.0 / CORES)))
+                line += f"; simulation with num_gpus={1.0 / CORES:.2f}: {sim:.3f} s per round"
+            else:
+                line += "; no CUDA on this machine: GPU not measured"
+            print(line)
+    print(
+        f"\nthis process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, "
+        f"load average now {' '.join(open('/proc/loadavg').read().split()[:3])}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Work that must happen once per client, never per round."""
+"""Work that must happen once per client, never per round; polling kept short."""
+
+import inspect
+
+from flwr.superlink.grid import InMemoryGrid
 
 from client_app import app as client_module
 from client_app import task
@@ -27,7 +31,9 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
         "output-dir": str(tmp_path),
         "cache-dir": str(tmp_path / "cache"),
     }
-    run_ddome(InProcessGrid(client_app, 13), config)
+    grid = InProcessGrid(client_app, 13)
+    grid.pull_interval = 0.1  # as Flower's simulation grid
+    run_ddome(grid, config)
     # Each of the 13 clients embeds its training and its evaluation data exactly once,
     # although most of them took part in 6 training rounds and 3 evaluations.
     assert len(calls) == 2 * 13
@@ -36,3 +42,10 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
     assert task._plan.cache_info().misses == 1
     assert task._local_data.cache_info().misses == 13
     assert task._local_data.cache_info().hits > 13
+    # Replies are polled for every 10 ms, not every 100 ms (two exchanges per round).
+    assert grid.pull_interval == 0.01
+
+
+def test_simulation_grid_still_has_a_pull_interval():
+    # DDOME.start shortens it; if Flower renames it, the shortening silently stops.
+    assert "pull_interval" in inspect.signature(InMemoryGrid).parameters
