@@ -76,6 +76,41 @@ def _mean(values: Iterable[float], weights: Iterable[float] | None = None) -> fl
     return float(np.average(values, weights=None if weights is None else list(weights)))
 
 
+def _scalar(value: object) -> float:
+    """A reported metric as a float; ``nan`` if it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return float("nan")
+    return float(value) if np.isfinite(value) else float("nan")
+
+
+def _log_missing(phase: str, asked: set[int], replies: list[Message]) -> None:
+    missing = sorted(asked - {r.metadata.src_node_id for r in replies})
+    if missing:
+        log(WARNING, "%s: no reply from nodes %s (dropped out or timed out); they are left out", phase, missing)
+
+
+def gate_scores(content: RecordDict, num_experts: int) -> np.ndarray | str:
+    """The mean gate scores of a routing reply, or why they are unusable.
+
+    Valid scores are ``num_experts`` finite probabilities in ``[0, 1]`` summing to 1
+    (the mean over the client's samples of the gate's softmax).
+    """
+    record = content.metric_records.get(METRICS)
+    if record is None or "gate-scores" not in record:
+        return "no gate-scores"
+    try:
+        scores = np.asarray(record["gate-scores"], dtype=np.float64)
+    except (TypeError, ValueError):
+        return "gate-scores are not numbers"
+    if scores.shape != (num_experts,):
+        return f"gate-scores have shape {scores.shape}, expected ({num_experts},)"
+    if not np.isfinite(scores).all():
+        return "gate-scores have NaN or Inf values"
+    if (scores < 0).any() or (scores > 1).any() or abs(scores.sum() - 1) > 1e-3:
+        return "gate-scores are not a probability vector"
+    return scores
+
+
 class DDOME(Strategy):
     """Dynamically Decentralized Orchestration of Mixture-of-Experts.
 
@@ -162,6 +197,7 @@ class DDOME(Strategy):
         self.has_common_expert: set[int] = set()
         self.arrays = ArrayRecord()
         self.sent: dict[int, ArrayRecord] = {}
+        self.evaluated: set[int] = set()
         self.traffic = _RoundTraffic()
 
     # ------------------------------------------------------------------ helpers
@@ -313,13 +349,20 @@ class DDOME(Strategy):
             self._message(c.node_id, gate, {TASK: "route", "server-round": server_round}, MessageType.QUERY)
             for c in clients
         ]
-        chosen = {}
-        for reply in self._good_replies(grid.send_and_receive(queries, timeout=self.timeout), "routing"):
-            scores = np.asarray(reply.content[METRICS]["gate-scores"], dtype=np.float64)
-            if scores.shape != (self.num_experts,) or not np.isfinite(scores).all():
-                log(WARNING, "routing: node %s sent invalid gate scores", reply.metadata.src_node_id)
+        asked = {c.node_id for c in clients}
+        replies = list(grid.send_and_receive(queries, timeout=self.timeout))
+        _log_missing("routing", asked, replies)
+        chosen: dict[int, list[int]] = {}
+        for reply in self._good_replies(replies, "routing"):
+            node = reply.metadata.src_node_id
+            if node not in asked or node in chosen:
+                log(WARNING, "routing: node %s sent a reply it was not asked for; ignored", node)
                 continue
-            chosen[reply.metadata.src_node_id] = top_k_experts(scores, self.top_k)
+            scores = gate_scores(reply.content, self.num_experts)
+            if isinstance(scores, str):
+                log(WARNING, "routing: node %s sent invalid gate scores (%s); it is left out", node, scores)
+                continue
+            chosen[node] = top_k_experts(scores, self.top_k)
         return chosen
 
     def _dispatch(self, clients_experts: dict[int, list[int]], config: dict, message_type: str) -> list[Message]:
@@ -391,8 +434,15 @@ class DDOME(Strategy):
         """
         server_round += self.round_offset
         updates, losses, weights, anchor_acc = [], [], [], []
+        answered: set[int] = set()
+        replies = list(replies)
+        _log_missing("train", set(self.sent), replies)
         for reply in self._good_replies(replies, "train"):
             node = reply.metadata.src_node_id
+            if node not in self.sent or node in answered:
+                log(WARNING, "train: node %s sent an update it was not asked for; rejected", node)
+                continue
+            answered.add(node)
             metrics = reply.content.metric_records.get(METRICS, MetricRecord())
             update = reply.content.array_records.get(ARRAYS, ArrayRecord())
             n = metrics.get("num-examples")
@@ -401,10 +451,11 @@ class DDOME(Strategy):
                 log(WARNING, "train: rejected the update of node %s: %s", node, reason)
                 continue
             updates.append((update, float(n)))
-            losses.append(float(metrics.get("train-loss", float("nan"))))
-            weights.append(float(n))
-            if "routing-acc" in metrics:
-                anchor_acc.append(float(metrics["routing-acc"]))
+            if np.isfinite(loss := _scalar(metrics.get("train-loss"))):
+                losses.append(loss)
+                weights.append(float(n))
+            if np.isfinite(acc := _scalar(metrics.get("routing-acc"))):
+                anchor_acc.append(acc)
         trained = sorted(
             {e for u, _ in updates for e in range(self.num_experts) if any(k.startswith(expert_prefix(e)) for k in u)}
         )
@@ -475,6 +526,7 @@ class DDOME(Strategy):
         if self.eval_train_clients:
             clients += self._with_role(grid, ANCHOR) + self._with_role(grid, NORMAL)
         routed = self.route(grid, clients, server_round)
+        self.evaluated = set(routed)
         eval_config = {**dict(config), TASK: "evaluate", "server-round": server_round}
         return self._dispatch(routed, eval_config, MessageType.EVALUATE)
 
@@ -496,13 +548,18 @@ class DDOME(Strategy):
         """
         server_round += self.round_offset
         per_group: dict[str, dict[str, list[float]]] = {}
+        answered: set[int] = set()
         for reply in self._good_replies(replies, "evaluate"):
-            client = self.clients.get(reply.metadata.src_node_id)
-            if client is None:
+            node = reply.metadata.src_node_id
+            client = self.clients.get(node)
+            record = reply.content.metric_records.get(METRICS)
+            if client is None or node not in self.evaluated or node in answered or record is None:
+                log(WARNING, "evaluate: ignored an unexpected or malformed reply of node %s", node)
                 continue
+            answered.add(node)
             group = per_group.setdefault("test" if client.role == TEST else "train", {})
-            for key, value in reply.content[METRICS].items():
-                if isinstance(value, (int, float)):
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     group.setdefault(key, []).append(float(value))
         if not per_group:
             return None

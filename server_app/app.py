@@ -17,9 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 from data import load_dataset, make_partition
 from data.settings import partition_settings
 from ddome_strategy import DDOME, layout_roles, pack_moe
+from ddome_strategy.aggregation import check_update
 from ddome_strategy.common_expert import load_or_pretrain
 from ddome_strategy.models import build_gate, build_model
-from server_app.checkpoint import load_checkpoint, save_checkpoint
+from server_app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server_app.config import ConfigError, client_config, resolve
 from server_app.results import RunWriter
 
@@ -139,9 +140,9 @@ def run_ddome(grid: Grid, run_config: dict) -> dict:
     logging.getLogger("ddome_strategy").setLevel(logging.INFO)
     started = time.perf_counter()
     cfg = resolve(run_config)
-    done, arrays, strategy_state, run_dir = 0, None, None, None
+    done, arrays, strategy_state, torch_rng, run_dir = 0, None, None, None, None
     if cfg["resume"]:
-        done, arrays, strategy_state, run_dir = resume_point(cfg)
+        done, arrays, strategy_state, torch_rng, run_dir = resume_point(cfg)
     writer = RunWriter(cfg["output-dir"], cfg, run_dir)
     if run_dir is not None:
         writer.keep_rounds_up_to(done)
@@ -156,13 +157,23 @@ def run_ddome(grid: Grid, run_config: dict) -> dict:
 
     strategy = build_strategy(cfg, common, on_metrics)
     if strategy_state is not None:
-        strategy.load_state_dict(strategy_state)
+        try:
+            strategy.load_state_dict(strategy_state)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"resume: the checkpoint's strategy state is invalid ({err!r}).") from err
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         # Called by Strategy.start after every round's evaluation: the round is complete.
         save_checkpoint(writer.path, server_round, arrays, strategy.state_dict())
 
-    strategy.arrays = arrays if arrays is not None else build_moe(cfg, dataset, common)
+    initial = build_moe(cfg, dataset, common)
+    if arrays is not None:
+        reason = check_update(arrays, initial, 1)
+        if reason:
+            raise ConfigError(f"resume: the checkpoint does not fit this configuration ({reason}).")
+    strategy.arrays = arrays if arrays is not None else initial
+    if torch_rng is not None:
+        torch.set_rng_state(torch_rng)
     if done < cfg["num-server-rounds"]:
         strategy.start(
             grid,
@@ -190,7 +201,10 @@ RESUMABLE_CHANGES = {
 
 def resume_point(cfg: dict):
     """Load the checkpoint named by ``resume`` and check the run's configuration matches."""
-    done, arrays, strategy_state = load_checkpoint(cfg["resume"])
+    try:
+        done, arrays, strategy_state, torch_rng = load_checkpoint(cfg["resume"])
+    except (FileNotFoundError, CheckpointError) as err:
+        raise ConfigError(str(err)) from err
     path = Path(cfg["resume"]).expanduser()
     run_dir = path if path.is_dir() else path.parent.parent
     saved_file = run_dir / "config.yaml"
@@ -199,4 +213,4 @@ def resume_point(cfg: dict):
         for key, value in cfg.items():
             if key not in RESUMABLE_CHANGES and saved.get(key) != value:
                 raise ConfigError(f"resume: {key}={value!r} differs from the interrupted run's {saved.get(key)!r}.")
-    return done, arrays, strategy_state, run_dir
+    return done, arrays, strategy_state, torch_rng, run_dir
