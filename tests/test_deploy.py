@@ -86,7 +86,12 @@ def _compose_config(files: list[str]) -> dict:
     args = [binary]
     for name in files:
         args += ["-f", str(REPO / name)]
-    result = subprocess.run([*args, "config"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    # docker-compose is Debian's Python program: keep this process's Python settings (set
+    # by the venv or by Ray after a simulation test) away from it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_LIBRARY_PATH", "LD_PRELOAD"))}
+    result = subprocess.run(
+        [*args, "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, f"docker-compose config rejected {files}:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
 
