@@ -126,8 +126,9 @@ def polling(cfg: dict, repeats: int) -> dict[float, list[float]]:
 
 
 def plain_pytorch(cfg: dict, threads: int) -> list[float]:
-    """The same local work as DDOME's rounds (same sampling, routing by mean gate score,
-    joint training, per-expert averaging) as one loop: no messages, no serialisation."""
+    """The same local work as DDOME's rounds (same sampling, embedding on first contact,
+    routing by mean gate score, joint training, per-expert averaging) as one loop: no
+    messages, no serialisation, no evaluation (the timed runs evaluate after the last round)."""
     dataset, common, _ = build_common_expert(cfg)
     arrays = build_moe(cfg, dataset, common)
     m, s = cfg["num-experts"], cfg["num-train-clients"]
@@ -135,7 +136,7 @@ def plain_pytorch(cfg: dict, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     rng = np.random.default_rng(cfg["seed"])
     local = {pid: load_local_data(cfg, pid, cfg["data-root"]) for pid in range(s)}
-    embeddings = {pid: embed(common, d.train_x) for pid, d in local.items()}  # once, as clients do
+    embeddings = {}  # once per client, when it is first sampled, as DDOME's clients do
     times = []
     for server_round in range(1, cfg["num-server-rounds"] + 1):
         started = time.perf_counter()
@@ -144,6 +145,8 @@ def plain_pytorch(cfg: dict, threads: int) -> list[float]:
         updates = []
         for pid in [*anchors, *normals]:
             data = local[pid]
+            if pid not in embeddings:
+                embeddings[pid] = embed(common, data.train_x)
             gate = build_local_gate(cfg, common.feature_dim)
             load_part(gate, arrays, GATE_PREFIX)
             chosen = [pid] if pid < m else top_k_experts(mean_gate_scores(gate, embeddings[pid]), cfg["top-k"])
@@ -410,7 +413,7 @@ def main(argv=None) -> None:
             figures = {
                 "plain PyTorch loop, 1 thread": plain[1],
                 f"plain PyTorch loop, {CORES} threads": plain[CORES],
-                "DDOME, in-process grid (1 thread)": ddome_in_process(cfg),
+                f"DDOME, in-process grid ({torch.get_num_threads()} thread(s))": ddome_in_process(cfg),
                 f"DDOME, Flower simulation (Ray, {CORES} workers)": ddome_in_simulation(cfg),
                 "Flower FedAvg, one model, in-process": fedavg_in_process(cfg),
                 "Flower FedAvg, one model, simulation": fedavg_in_simulation(cfg),
