@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from benchmarks.report import routing_matrix, write_report
 from client_app import baselines
 from client_app.app import app as client_app
-from ddome_strategy.strategy import CONFIG, DDOME, METRICS, NORMAL, TASK, TEST
+from ddome_strategy.strategy import CONFIG, DDOME, METRICS, NORMAL, TASK, TEST, layout_roles
 from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid
@@ -78,24 +78,18 @@ def _partition_roles(cfg) -> Callable[[int], tuple[str, int]]:
 
 
 def discover_partitions(grid: Grid, cfg: dict) -> dict[int, int]:
-    """Node id -> partition id, asked of every node with the ClientApp's role query
-    (works on any Grid: node ids are arbitrary in Flower's simulation)."""
-    num_nodes = cfg["num-train-clients"] + cfg["num-test-clients"]
-    deadline = time.monotonic() + cfg["round-timeout"]
-    while len(nodes := list(grid.get_node_ids())) < num_nodes:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of {num_nodes} nodes connected")
-        time.sleep(0.5)
-    queries = [
-        Message(
-            RecordDict({CONFIG: ConfigRecord({**client_config(cfg), TASK: "role"})}),
-            dst_node_id=n,
-            message_type=MessageType.QUERY,
-        )
-        for n in nodes
-    ]
-    replies = grid.send_and_receive(queries, timeout=cfg["round-timeout"])
-    return {r.metadata.src_node_id: int(r.content[CONFIG]["partition-id"]) for r in replies if not r.has_error()}
+    """Node id -> partition id, learned with DDOME's own role query (works on any Grid:
+    node ids are arbitrary in Flower's simulation)."""
+    strategy = DDOME(
+        cfg["num-experts"],
+        layout_roles(cfg["num-experts"], cfg["num-train-clients"]),
+        top_k=cfg["top-k"],
+        client_config=client_config(cfg),
+        min_nodes=cfg["num-train-clients"] + cfg["num-test-clients"],
+        timeout=cfg["round-timeout"],
+    )
+    strategy.discover_clients(grid)
+    return {node: client.partition_id for node, client in strategy.clients.items()}
 
 
 def _mean_by_group(replies: list[Message], groups: dict[int, str]) -> dict[str, float]:

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .aggregation import aggregate_moe, check_update
-from .arrays import expert_prefix, moe_prefixes, select
+from .arrays import experts_in, moe_prefixes, select
 from .moe import top_k_experts
 
 # Names of the records and config entries exchanged with the ClientApp.
@@ -456,9 +456,7 @@ class DDOME(Strategy):
                 weights.append(float(n))
             if np.isfinite(acc := _scalar(metrics.get("routing-acc"))):
                 anchor_acc.append(acc)
-        trained = sorted(
-            {e for u, _ in updates for e in range(self.num_experts) if any(k.startswith(expert_prefix(e)) for k in u)}
-        )
+        trained = {e for u, _ in updates for e in experts_in(u)}
         metrics = {
             "train-loss": _mean(losses, weights),
             "anchor-routing-acc": _mean(anchor_acc),
