@@ -44,6 +44,7 @@ from client_app import baselines
 from client_app import task as client_task
 from client_app.app import app as client_app
 from client_app.task import build_expert, build_local_gate, embed, load_local_data, mean_gate_scores, train_local
+from data.settings import partitioned
 from ddome_strategy import DDOME, layout_roles
 from ddome_strategy.aggregation import aggregate_moe
 from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, load_part, pack_part
@@ -329,7 +330,7 @@ def scale_one(clients: int, rounds: int, simulate: bool) -> dict:
     """One scale measurement in this (fresh) process."""
     cfg = config("cpu", rounds, **{"num-train-clients": clients})
     build_common_expert(cfg)  # cached on disk after the first run: not part of the figure
-    client_task._plan(str(cfg["dataset"]), cfg["data-root"], tuple(sorted(client_task.partition_settings(cfg).items())))
+    partitioned(cfg)
     before = _vm("VmRSS")
     started = time.perf_counter()
     times = ddome_in_simulation(cfg) if simulate else ddome_in_process(cfg)

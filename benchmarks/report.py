@@ -13,8 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from client_app.task import build_local_gate, embed  # noqa: E402
-from data import make_partition  # noqa: E402
-from data.settings import partition_settings  # noqa: E402
+from data.settings import partitioned  # noqa: E402
 from ddome_strategy.arrays import GATE_PREFIX, load_part  # noqa: E402
 
 NAMES = {
@@ -31,9 +30,7 @@ NAMES = {
 def routing_matrix(cfg: dict, dataset, common, arrays) -> dict:
     """Mean gate probabilities per client (rows) and expert (columns), from each
     client's own data: the routing a client would report."""
-    plan = make_partition(
-        dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **partition_settings(cfg)
-    )
+    _, plan = partitioned(cfg)
     gate = build_local_gate(cfg, common.feature_dim)
     load_part(gate, arrays, GATE_PREFIX)
     rows, labels = [], []

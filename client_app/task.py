@@ -11,8 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from data import load_dataset, make_partition
-from data.settings import partition_settings
+from data.settings import load_partitioned, partition_settings
 from ddome_strategy.arrays import GATE_PREFIX, load_part
 from ddome_strategy.models import Classifier, build_gate, build_model, pick_device
 from ddome_strategy.moe import anchor_loss, mixture_loss, routing_error, zero_shot_predictions
@@ -36,15 +35,6 @@ class LocalData:
     label_to_expert: dict[int, int]
 
 
-@lru_cache(maxsize=4)
-def _plan(dataset_name: str, data_root: str, settings: tuple):
-    dataset = load_dataset(dataset_name, data_root)
-    plan = make_partition(
-        dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **dict(settings)
-    )
-    return dataset, plan
-
-
 def load_local_data(cfg, partition_id: int, data_root: str) -> LocalData:
     """Load the partition ``partition_id`` (cached per process)."""
     return _local_data(str(cfg["dataset"]), data_root, tuple(sorted(partition_settings(cfg).items())), partition_id)
@@ -53,7 +43,7 @@ def load_local_data(cfg, partition_id: int, data_root: str) -> LocalData:
 @lru_cache(maxsize=64)
 def _local_data(dataset_name: str, data_root: str, settings: tuple, partition_id: int) -> LocalData:
     # Slicing the dataset copies the samples: keep a client's slices for later rounds.
-    dataset, plan = _plan(dataset_name, data_root, settings)
+    dataset, plan = load_partitioned(dataset_name, data_root, settings)
     train_idx = (
         torch.as_tensor(plan.train_indices[partition_id], dtype=torch.long)
         if partition_id < plan.num_train_clients

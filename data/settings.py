@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
+
+from .datasets import ArrayDataset, load_dataset
+from .partition import PartitionPlan, make_partition
 
 
 def partition_settings(cfg: Mapping) -> dict:
@@ -19,3 +23,22 @@ def partition_settings(cfg: Mapping) -> dict:
         "public_fraction": float(cfg["public-fraction"]),
         "seed": int(cfg["seed"]),
     }
+
+
+def partitioned(cfg: Mapping, data_root: str | None = None) -> tuple[ArrayDataset, PartitionPlan]:
+    """The dataset and its partition for a run config (loaded and cut once per process).
+
+    ``data_root`` overrides the config's ``data-root`` (a SuperNode's own data folder).
+    """
+    root = str(cfg["data-root"]) if data_root is None else data_root
+    return load_partitioned(str(cfg["dataset"]), root, tuple(sorted(partition_settings(cfg).items())))
+
+
+@lru_cache(maxsize=4)
+def load_partitioned(dataset_name: str, data_root: str, settings: tuple) -> tuple[ArrayDataset, PartitionPlan]:
+    """Cached core of :func:`partitioned`; ``settings`` is ``partition_settings`` as sorted items."""
+    dataset = load_dataset(dataset_name, data_root)
+    plan = make_partition(
+        dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **dict(settings)
+    )
+    return dataset, plan

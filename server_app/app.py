@@ -14,8 +14,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from data import load_dataset, make_partition
-from data.settings import partition_settings
+from data.settings import partitioned
 from ddome_strategy import DDOME, layout_roles, pack_moe
 from ddome_strategy.aggregation import check_update
 from ddome_strategy.common_expert import load_or_pretrain
@@ -29,10 +28,7 @@ app = ServerApp()
 
 def build_common_expert(cfg: dict):
     """Load the data, partition it, and pretrain (or load) the common expert."""
-    dataset = load_dataset(cfg["dataset"], cfg["data-root"])
-    plan = make_partition(
-        dataset.train_y.numpy(), dataset.test_y.numpy(), num_classes=dataset.num_classes, **partition_settings(cfg)
-    )
+    dataset, plan = partitioned(cfg)
     settings = {
         "dataset": cfg["dataset"],
         "arch": cfg["arch"],

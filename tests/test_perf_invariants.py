@@ -7,6 +7,7 @@ from flwr.superlink.grid import InMemoryGrid
 from client_app import app as client_module
 from client_app import task
 from client_app.app import app as client_app
+from data import settings
 from server_app.app import run_ddome
 from server_app.config import DEFAULTS
 from server_app.inprocess import InProcessGrid
@@ -21,7 +22,7 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
         return real_embed(model, x, *args, **kwargs)
 
     monkeypatch.setattr(client_module, "embed", counting_embed)
-    task._plan.cache_clear()
+    settings.load_partitioned.cache_clear()
     task._local_data.cache_clear()
     config = {
         **DEFAULTS,
@@ -39,7 +40,7 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
     assert len(calls) == 2 * 13
     # The dataset is loaded and partitioned once for the whole process, and each client's
     # slice of it is cut once.
-    assert task._plan.cache_info().misses == 1
+    assert settings.load_partitioned.cache_info().misses == 1
     assert task._local_data.cache_info().misses == 13
     assert task._local_data.cache_info().hits > 13
     # Replies are polled for every 10 ms, not every 100 ms (two exchanges per round).
