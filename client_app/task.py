@@ -50,12 +50,13 @@ def _local_data(dataset_name: str, data_root: str, settings: tuple, partition_id
         else torch.zeros(0, dtype=torch.long)
     )
     eval_idx = torch.as_tensor(plan.eval_indices[partition_id], dtype=torch.long)
+    eval_x, eval_y = (dataset.train_x, dataset.train_y) if plan.eval_split == "train" else (dataset.test_x, dataset.test_y)
     label_to_expert = {label: expert for expert in range(plan.num_experts) for label in plan.client_labels[expert]}
     return LocalData(
         dataset.train_x[train_idx],
         dataset.train_y[train_idx],
-        dataset.test_x[eval_idx],
-        dataset.test_y[eval_idx],
+        eval_x[eval_idx],
+        eval_y[eval_idx],
         dataset.input_shape,
         dataset.num_classes,
         label_to_expert,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PARTITION_MODES = ("grouped", "free", "dirichlet")
+EVALUATION_SPLITS = ("test", "validation")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class PartitionPlan:
     train_indices: tuple[np.ndarray, ...]
     eval_indices: tuple[np.ndarray, ...]
     public_indices: np.ndarray
+    eval_split: str = "test"
+    """Split that ``eval_indices`` index: ``"test"``, or ``"train"`` when evaluating on
+    the validation slice of the training split (for tuning, never touching test data)."""
 
     @property
     def num_partitions(self) -> int:
@@ -107,6 +111,8 @@ def make_partition(
     samples_per_client: int = 300,
     eval_samples_per_client: int = 200,
     public_fraction: float = 0.1,
+    validation_fraction: float = 0.1,
+    evaluation_split: str = "test",
     seed: int = 0,
 ) -> PartitionPlan:
     """Partition a dataset the way the paper does (quantity-based label skew).
@@ -141,6 +147,14 @@ def make_partition(
         Held-out test-split samples of its labels per training client.
     public_fraction : float (default: 0.1)
         Share of the training split held out from all clients (for the common expert).
+    validation_fraction : float (default: 0.1)
+        Share of the training split held out from all clients as a validation split,
+        carved out whatever ``evaluation_split`` says so that the training clients'
+        data is the same in both modes.
+    evaluation_split : str (default: "test")
+        "test": clients are evaluated on the test split (the reported figures);
+        "validation": on the validation split instead, with the same label sets (for
+        choosing hyper-parameters without ever reading the test split).
     seed : int (default: 0)
         The partition is a function of the labels, the arguments and this seed.
 
@@ -163,6 +177,18 @@ def make_partition(
         f"labels-per-client={labels_per_client} must be between 1 and {num_classes}.",
     )
     _check(0 <= public_fraction < 1, "public-fraction must be in [0, 1).")
+    _check(
+        0 <= validation_fraction and public_fraction + validation_fraction < 1,
+        "validation-fraction must be non-negative and leave data for the clients.",
+    )
+    _check(
+        evaluation_split in EVALUATION_SPLITS,
+        f"evaluation-split {evaluation_split!r} is not one of {', '.join(EVALUATION_SPLITS)}.",
+    )
+    _check(
+        evaluation_split == "test" or validation_fraction > 0,
+        "evaluation-split 'validation' needs validation-fraction > 0.",
+    )
     _check(samples_per_client >= 1, "samples-per-client must be at least 1.")
     _check(eval_samples_per_client >= 0, "eval-samples-per-client must be non-negative.")
     _check(dirichlet_alpha > 0, f"dirichlet-alpha={dirichlet_alpha} must be positive.")
@@ -176,8 +202,13 @@ def make_partition(
 
     public = _public_split(train_labels, public_fraction, rng)
     pool = np.setdiff1d(np.arange(len(train_labels)), public)
+    validation = pool[_public_split(train_labels[pool], validation_fraction / (1 - public_fraction), rng)]
+    pool = np.setdiff1d(pool, validation)
     train_pools = {y: pool[train_labels[pool] == y] for y in range(num_classes)}
-    test_pools = {y: np.flatnonzero(test_labels == y) for y in range(num_classes)}
+    if evaluation_split == "validation":
+        test_pools = {y: validation[train_labels[validation] == y] for y in range(num_classes)}
+    else:
+        test_pools = {y: np.flatnonzero(test_labels == y) for y in range(num_classes)}
 
     group_size = num_classes // num_experts
     shuffled = rng.permutation(num_classes)
@@ -241,4 +272,5 @@ def make_partition(
         tuple(train_indices),
         tuple(eval_indices),
         public,
+        "train" if evaluation_split == "validation" else "test",
     )

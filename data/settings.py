@@ -21,6 +21,8 @@ def partition_settings(cfg: Mapping) -> dict:
         "samples_per_client": int(cfg["samples-per-client"]),
         "eval_samples_per_client": int(cfg["eval-samples-per-client"]),
         "public_fraction": float(cfg["public-fraction"]),
+        "validation_fraction": float(cfg["validation-fraction"]),
+        "evaluation_split": str(cfg["evaluation-split"]),
         "seed": int(cfg["seed"]),
     }
 

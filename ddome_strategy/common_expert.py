@@ -1,4 +1,8 @@
-"""The common expert: pretrained once on a public split, frozen, cached by config hash."""
+"""The common expert: pretrained once on a public split, frozen, cached by config hash.
+
+Early stopping reads a validation slice of the public split only: the test split holds
+the unseen test clients' images, so stopping on it would leak them into every method.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from .models import Classifier, build_model, pick_device
 
 log = logging.getLogger(__name__)
 
+# Share of the public split kept aside to decide when pretraining stops.
+PUBLIC_VALIDATION_SHARE = 0.2
+
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
@@ -33,7 +40,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 def pretrain(
     model: Classifier,
     train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    validation: tuple[torch.Tensor, torch.Tensor],
     target_acc: float,
     max_epochs: int,
     seed: int,
@@ -41,7 +48,7 @@ def pretrain(
     batch_size: int = 128,
     check_every: int = 10,
 ) -> float:
-    """Train ``model`` until its test accuracy reaches ``target_acc``.
+    """Train ``model`` until its accuracy on ``validation`` reaches ``target_acc``.
 
     Accuracy is checked every ``check_every`` steps so training stops close to the
     target (the paper's common experts are checkpoints stopped at a given accuracy).
@@ -49,14 +56,14 @@ def pretrain(
     Returns
     -------
     float
-        The accuracy reached (may stay below the target after ``max_epochs``).
+        The validation accuracy reached (may stay below the target after ``max_epochs``).
     """
     device = pick_device()
     model.to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     x, y = train
-    acc, step = accuracy(model, *test), 0
+    acc, step = accuracy(model, *validation), 0
     for epoch in range(max_epochs):
         if acc >= target_acc:
             break
@@ -69,21 +76,29 @@ def pretrain(
             optimizer.step()
             step += 1
             if step % check_every == 0:
-                acc = accuracy(model, *test)
+                acc = accuracy(model, *validation)
                 model.train()
                 if acc >= target_acc:
                     break
         else:
-            acc = accuracy(model, *test)
-        log.info("common expert: epoch %d, test accuracy %.4f", epoch + 1, acc)
+            acc = accuracy(model, *validation)
+        log.info("common expert: epoch %d, validation accuracy %.4f", epoch + 1, acc)
     model.cpu().eval()
     return acc
 
 
 def cache_key(settings: dict, public_indices: np.ndarray) -> str:
     """A hash of everything that determines the common expert."""
-    blob = json.dumps(settings, sort_keys=True).encode() + np.asarray(public_indices).tobytes()
+    stopping = {"stops-on": "public-validation", "share": PUBLIC_VALIDATION_SHARE}
+    blob = json.dumps({**settings, **stopping}, sort_keys=True).encode() + np.asarray(public_indices).tobytes()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def split_public(public_indices: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The public split's training part and the validation slice that stops pretraining."""
+    order = np.random.default_rng(seed).permutation(np.asarray(public_indices))
+    cut = int(round(PUBLIC_VALIDATION_SHARE * len(order)))
+    return np.sort(order[cut:]), np.sort(order[:cut])
 
 
 def load_or_pretrain(
@@ -100,7 +115,7 @@ def load_or_pretrain(
         ``arch``, ``hidden``, ``target_acc``, ``max_epochs``, ``seed`` and the dataset
         name: everything (with ``public_indices``) that determines the checkpoint.
     dataset
-        The loaded dataset (``train_x``, ``train_y``, ``test_x``, ``test_y``).
+        The loaded dataset; only its training split is read (``train_x``, ``train_y``).
     public_indices : np.ndarray
         Training-split indices held out from all clients.
     cache_dir : path
@@ -109,7 +124,8 @@ def load_or_pretrain(
     Returns
     -------
     tuple[Classifier, float, Path]
-        The frozen model, its test accuracy and the checkpoint path.
+        The frozen model, its accuracy on the public validation slice and the
+        checkpoint path.
     """
     path = Path(cache_dir).expanduser() / f"common-expert-{cache_key(settings, public_indices)}.pt"
     torch.manual_seed(settings["seed"])
@@ -119,11 +135,11 @@ def load_or_pretrain(
         model.load_state_dict(checkpoint["state_dict"])
         log.info("common expert: loaded %s (accuracy %.4f)", path, checkpoint["accuracy"])
         return model.eval(), float(checkpoint["accuracy"]), path
-    idx = torch.as_tensor(public_indices, dtype=torch.long)
+    fit, validation = (torch.as_tensor(i, dtype=torch.long) for i in split_public(public_indices, settings["seed"]))
     acc = pretrain(
         model,
-        (dataset.train_x[idx], dataset.train_y[idx]),
-        (dataset.test_x, dataset.test_y),
+        (dataset.train_x[fit], dataset.train_y[fit]),
+        (dataset.train_x[validation], dataset.train_y[validation]),
         settings["target_acc"],
         settings["max_epochs"],
         settings["seed"],

@@ -38,7 +38,7 @@ def build_common_expert(cfg: dict):
         "seed": cfg["seed"],
     }
     common, accuracy, path = load_or_pretrain(settings, dataset, plan.public_indices, cfg["cache-dir"])
-    log(INFO, "Common expert: test accuracy %.4f (%s)", accuracy, path)
+    log(INFO, "Common expert: accuracy %.4f on the public validation slice (%s)", accuracy, path)
     return dataset, common, accuracy
 
 
@@ -89,7 +89,7 @@ def print_summary(writer: RunWriter, common_accuracy: float, seconds: float) -> 
         "routing-error": final.get("test/routing-error"),
         "common-expert-acc": final.get("test/common-expert-acc"),
         "train-clients-acc": final.get("train/zero-shot-acc"),
-        "common-expert-test-split-acc": common_accuracy,
+        "common-expert-public-validation-acc": common_accuracy,
         "bytes-per-round": sum(r["bytes-total"] for r in writer.history if r["stage"] == "train")
         / max(1, sum(r["stage"] == "train" for r in writer.history)),
         "wall-seconds": seconds,

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from data import DATASETS, PARTITION_MODES
+from data import DATASETS, EVALUATION_SPLITS, PARTITION_MODES
 from ddome_strategy.models import ARCHITECTURES
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "samples-per-client": 500,
     "eval-samples-per-client": 200,
     "public-fraction": 0.1,
+    "validation-fraction": 0.1,
+    "evaluation-split": "test",
     "anchors-per-round": 5,
     "normal-per-round": 5,
     "arch": "mlp",
@@ -118,6 +120,7 @@ def validate(cfg: dict[str, Any]) -> None:
         "arch": ARCHITECTURES,
         "partition-mode": PARTITION_MODES,
         "experts-init": EXPERT_INITS,
+        "evaluation-split": EVALUATION_SPLITS,
     }
     for key, valid in choices.items():
         if cfg[key] not in valid:
@@ -147,6 +150,14 @@ def validate(cfg: dict[str, Any]) -> None:
         (cfg["eval-every"] >= 1, "eval-every must be at least 1"),
         (0 < cfg["common-expert-target-acc"] <= 1, "common-expert-target-acc must be in (0, 1]"),
         (0 < cfg["public-fraction"] < 1, "public-fraction must be in (0, 1)"),
+        (
+            0 <= cfg["validation-fraction"] < 1 - cfg["public-fraction"],
+            "validation-fraction must be non-negative and below 1 - public-fraction",
+        ),
+        (
+            cfg["evaluation-split"] == "test" or cfg["validation-fraction"] > 0,
+            "evaluation-split 'validation' needs validation-fraction > 0",
+        ),
         (cfg["samples-per-client"] >= 1, "samples-per-client must be at least 1"),
         (cfg["batch-size"] >= 1, "batch-size must be at least 1"),
         (cfg["local-epochs"] >= 1, "local-epochs must be at least 1"),
@@ -177,6 +188,8 @@ def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "samples-per-client",
         "eval-samples-per-client",
         "public-fraction",
+        "validation-fraction",
+        "evaluation-split",
         "arch",
         "mlp-hidden",
         "gate-hidden",

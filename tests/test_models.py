@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from data import load_dataset
-from ddome_strategy.common_expert import load_or_pretrain
+from ddome_strategy import common_expert
+from ddome_strategy.common_expert import load_or_pretrain, split_public
 from ddome_strategy.models import ARCHITECTURES, build_gate, build_model
 
 
@@ -48,3 +49,31 @@ def test_common_expert_reaches_its_target_and_is_cached(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(AssertionError, match="retrained"):
         load_or_pretrain({**settings, "target_acc": 0.7}, dataset, public, tmp_path)
+
+
+class _TrainSplitOnly:
+    """A dataset whose test split may not be read (it holds the unseen clients' images)."""
+
+    def __init__(self, dataset):
+        self.train_x, self.train_y = dataset.train_x, dataset.train_y
+        self.input_shape, self.num_classes = dataset.input_shape, dataset.num_classes
+
+    @property
+    def test_x(self):
+        raise AssertionError("the common expert's pretraining read the test split")
+
+    test_y = test_x
+
+
+def test_common_expert_stops_on_a_validation_slice_of_the_public_split(tmp_path):
+    dataset = load_dataset("digits")
+    public = torch.arange(0, 600).numpy()
+    settings = {"dataset": "digits", "arch": "mlp", "hidden": 32, "target_acc": 0.8, "max_epochs": 30, "seed": 0}
+    model, accuracy, _ = load_or_pretrain(settings, _TrainSplitOnly(dataset), public, tmp_path)
+    fit, validation = split_public(public, seed=0)
+    assert len(validation) == 120 and not set(fit) & set(validation) and set(fit) | set(validation) == set(public)
+    # The accuracy it stopped on is the one on that slice, and it reached the target there.
+    assert accuracy == pytest.approx(
+        common_expert.accuracy(model, dataset.train_x[validation], dataset.train_y[validation])
+    )
+    assert accuracy >= 0.8

@@ -163,3 +163,26 @@ def test_any_valid_plan_is_consistent(data, mode, seed):
     train_sets = {tuple(sorted(s)) for s in p.client_labels[: p.num_train_clients]}
     test_sets = [tuple(sorted(s)) for s in p.client_labels[p.num_train_clients :]]
     assert len(set(test_sets)) == test_clients and not train_sets & set(test_sets)
+
+
+@pytest.mark.parametrize("mode", PARTITION_MODES)
+def test_validation_split_is_held_out_and_replaces_the_test_split_for_tuning(mode):
+    test_plan, validation_plan = plan(mode=mode), plan(mode=mode, evaluation_split="validation")
+    # Training clients and label sets are the same in both modes: only the evaluation data moves.
+    assert test_plan.client_labels == validation_plan.client_labels
+    assert all(np.array_equal(a, b) for a, b in zip(test_plan.train_indices, validation_plan.train_indices))
+    assert test_plan.eval_split == "test" and validation_plan.eval_split == "train"
+    trained = set(np.concatenate(validation_plan.train_indices).tolist()) | set(validation_plan.public_indices.tolist())
+    for pid, idx in enumerate(validation_plan.eval_indices):
+        # Validation images come from the training split, never from a client's or the public data...
+        assert not trained & set(idx.tolist())
+        # ...and hold the client's labels; unseen clients get all validation images of theirs.
+        assert set(TRAIN[idx].tolist()) <= set(validation_plan.client_labels[pid])
+    for pid in range(validation_plan.num_train_clients, validation_plan.num_partitions):
+        labels = validation_plan.client_labels[pid]
+        assert len(validation_plan.eval_indices[pid]) == 10 * len(labels)  # 10% of 100 per label
+
+
+def test_validation_needs_a_validation_fraction():
+    with pytest.raises(ValueError, match="validation-fraction"):
+        plan(evaluation_split="validation", validation_fraction=0.0)
