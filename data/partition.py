@@ -74,21 +74,31 @@ def _group_sets(groups: list[tuple[int, ...]], per_client: int, rng) -> list[tup
     return [tuple(sorted(y for g in combos[i] for y in groups[g])) for i in rng.permutation(len(combos))]
 
 
-def _unseen_free_sets(taken: set, num_classes: int, size: int, count: int, rng) -> list[tuple[int, ...]]:
-    """``count`` distinct label sets of ``size`` labels, none of them in ``taken``."""
+def _seen(candidate: tuple[int, ...], taken: list[frozenset]) -> bool:
+    """Whether some training client holds every label of ``candidate``.
+
+    A client holding a superset has seen the combination, so equality alone is not enough
+    (Dirichlet clients hold label sets of any size).
+    """
+    labels = frozenset(candidate)
+    return any(labels <= held for held in taken)
+
+
+def _unseen_free_sets(taken: list[frozenset], num_classes: int, size: int, count: int, rng) -> list[tuple[int, ...]]:
+    """``count`` distinct label sets of ``size`` labels, none of them within a set of ``taken``."""
     sets: list[tuple[int, ...]] = []
     for _ in range(10_000):
         if len(sets) == count:
             break
         candidate = tuple(sorted(rng.choice(num_classes, size=size, replace=False).tolist()))
-        if candidate not in taken and candidate not in sets:
+        if candidate not in sets and not _seen(candidate, taken):
             sets.append(candidate)
     if len(sets) == count:
         return sets
     # Sampling rarely fails unless few sets are left: list them, so only a truly
     # impossible request raises (sampling first keeps earlier seeds' plans unchanged).
     if math.comb(num_classes, size) <= 100_000:
-        options = [c for c in itertools.combinations(range(num_classes), size) if c not in taken]
+        options = [c for c in itertools.combinations(range(num_classes), size) if not _seen(c, taken)]
         if len(options) >= count:
             return [options[i] for i in rng.permutation(len(options))[:count]]
     raise ValueError(
@@ -130,7 +140,8 @@ def make_partition(
         S: training clients, anchors included.
     num_test_clients : int
         T: unseen test clients; each holds all test images of its labels, a set of
-        ``labels_per_client`` labels no training client holds: a union of anchor groups
+        ``labels_per_client`` labels no training client holds, not even within a larger
+        set of its labels: a union of anchor groups
         in "grouped" mode (and in "dirichlet" mode where that fits), any labels in "free".
     labels_per_client : int
         Labels of a normal or test client (a multiple of the group size in "grouped").
@@ -253,14 +264,15 @@ def make_partition(
             train_indices.append(_draw(train_pools, _even_counts(labels, samples_per_client), rng))
             client_labels.append(labels)
 
+    taken = [frozenset(labels) for labels in client_labels]
     if mode == "dirichlet" and labels_per_client % group_size == 0 and labels_per_client // group_size >= 2:
         # As in grouped mode where it fits: unions of anchor groups no training client holds.
-        unseen = [s for s in _group_sets(groups, labels_per_client // group_size, rng) if s not in set(client_labels)]
+        unseen = [s for s in _group_sets(groups, labels_per_client // group_size, rng) if not _seen(s, taken)]
         if len(unseen) >= num_test_clients:
             test_sets = unseen[:num_test_clients]
     if test_sets is None:
         # Free mode (and Dirichlet otherwise): any label sets no training client holds.
-        test_sets = _unseen_free_sets(set(client_labels), num_classes, labels_per_client, num_test_clients, rng)
+        test_sets = _unseen_free_sets(taken, num_classes, labels_per_client, num_test_clients, rng)
 
     eval_indices = [_draw(test_pools, _even_counts(labels, eval_samples_per_client), rng) for labels in client_labels]
     eval_indices += [np.sort(np.concatenate([test_pools[y] for y in labels])) for labels in test_sets]

@@ -186,3 +186,33 @@ def test_validation_split_is_held_out_and_replaces_the_test_split_for_tuning(mod
 def test_validation_needs_a_validation_fraction():
     with pytest.raises(ValueError, match="validation-fraction"):
         plan(evaluation_split="validation", validation_fraction=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dirichlet_test_clients_are_no_subset_of_a_training_clients_labels(seed):
+    # Dirichlet clients hold label sets of any size: one holding a superset of a test
+    # client's labels has seen that combination, which exact-set equality let through.
+    p = make_partition(
+        np.repeat(np.arange(CLASSES), 600),
+        np.repeat(np.arange(CLASSES), 100),
+        num_classes=CLASSES,
+        num_experts=5,
+        num_train_clients=20,
+        num_test_clients=5,
+        labels_per_client=4,
+        mode="dirichlet",
+        dirichlet_alpha=0.1,
+        samples_per_client=500,
+        seed=seed,
+    )
+    train_sets = [set(labels) for labels in p.client_labels[: p.num_train_clients]]
+    test_sets = p.client_labels[p.num_train_clients :]
+    assert len(test_sets) == 5 and all(len(labels) == 4 for labels in test_sets)
+    for labels in test_sets:
+        assert not [held for held in train_sets if set(labels) <= held], labels
+
+
+def test_dirichlet_raises_when_every_label_set_is_within_a_training_client():
+    # A training client holding all ten labels has seen every combination.
+    with pytest.raises(ValueError, match="num-test-clients"):
+        plan(mode="dirichlet", dirichlet_alpha=1000.0, labels_per_client=3, num_train_clients=6, num_test_clients=1)
