@@ -414,6 +414,16 @@ class DDOME(Strategy):
             *self._dispatch(routed, {**train_config, "role": NORMAL}, MessageType.TRAIN),
         ]
 
+    def _reply_order(self, reply: Message) -> tuple[int, int]:
+        """Sort key of a reply: its client's partition id, else (after those) its node id.
+
+        Arrival order varies (under Ray it does from run to run), and floating-point sums
+        depend on their order: a fixed order gives bit-identical aggregates on every grid.
+        """
+        node = reply.metadata.src_node_id
+        client = self.clients.get(node)
+        return (0, client.partition_id) if client is not None else (1, node)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -435,7 +445,8 @@ class DDOME(Strategy):
         server_round += self.round_offset
         updates, losses, weights, anchor_acc = [], [], [], []
         answered: set[int] = set()
-        replies = list(replies)
+        # Sum updates, losses and accuracies in partition order, whatever the arrival order.
+        replies = sorted(replies, key=self._reply_order)
         _log_missing("train", set(self.sent), replies)
         for reply in self._good_replies(replies, "train"):
             node = reply.metadata.src_node_id
@@ -547,7 +558,8 @@ class DDOME(Strategy):
         server_round += self.round_offset
         per_group: dict[str, dict[str, list[float]]] = {}
         answered: set[int] = set()
-        for reply in self._good_replies(replies, "evaluate"):
+        # Means in partition order, whatever the arrival order (see _reply_order).
+        for reply in self._good_replies(sorted(replies, key=self._reply_order), "evaluate"):
             node = reply.metadata.src_node_id
             client = self.clients.get(node)
             record = reply.content.metric_records.get(METRICS)

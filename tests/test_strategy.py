@@ -230,3 +230,47 @@ def test_aggregation_does_not_depend_on_reply_order(order, weights):
     b = aggregate_moe(current, [updates[i] for i in order])
     for key in a:
         assert np.allclose(a[key].numpy(), b[key].numpy(), atol=1e-5)
+
+
+# Float32 values whose float sum depends on its order: 1e20 + 1 loses the 1, -1e20 + 1 too.
+ORDER_SENSITIVE = {0: 1e20, 1: 1.0, 2: -1e20}
+
+
+def _aggregate_in_order(fake_grid_class, order):
+    """Train and evaluate replies of partitions 0..9, handed to the strategy in ``order``."""
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    strategy = make_strategy(anchors_per_round=M, normal_per_round=4)
+    sent = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+    by_pid = {strategy.clients[m.metadata.dst_node_id].partition_id: m for m in sent}
+    assert sorted(by_pid) == list(range(8))
+    train_replies = []
+    for pid in (p for p in order if p in by_pid):
+        value = ORDER_SENSITIVE.get(pid, 0.0)
+        update = {k: Array(np.full(v.shape, value, np.float32)) for k, v in by_pid[pid].content[ARRAYS].items()}
+        metrics = {"num-examples": 1, "train-loss": value, "routing-acc": value}
+        train_replies.append(
+            Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=by_pid[pid])
+        )
+    arrays, train_metrics = strategy.aggregate_train(1, train_replies)
+    strategy.evaluated = {c.node_id for c in strategy.clients.values()}
+    eval_replies = [
+        Message(
+            RecordDict({METRICS: MetricRecord({"zero-shot-acc": ORDER_SENSITIVE.get(pid, 0.0), "num-examples": 5})}),
+            reply_to=Message(RecordDict(), dst_node_id=NODE_IDS[pid], message_type=MessageType.EVALUATE),
+        )
+        for pid in order
+    ]
+    return arrays, train_metrics, strategy.aggregate_evaluate(1, eval_replies)
+
+
+@pytest.mark.parametrize("order", [[2, 0, 1, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 1, 0, 2]])
+def test_aggregates_are_bit_identical_whatever_the_reply_order(fake_grid_class, order):
+    # Under Ray replies arrive in varying order; sums must not follow it.
+    arrays, train_metrics, eval_metrics = _aggregate_in_order(fake_grid_class, list(range(10)))
+    other_arrays, other_train, other_eval = _aggregate_in_order(fake_grid_class, order)
+    assert sorted(arrays) == sorted(other_arrays)
+    for key in arrays:
+        assert np.array_equal(arrays[key].numpy(), other_arrays[key].numpy()), key
+    for key in ("train-loss", "anchor-routing-acc"):
+        assert train_metrics[key] == other_train[key], key
+    assert dict(eval_metrics) == dict(other_eval)
