@@ -122,11 +122,18 @@ def print_summary(writer: RunWriter, common_accuracy: float, seconds: float) -> 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run DDOME as configured by ``context.run_config``."""
-    run_ddome(grid, dict(context.run_config))
+    try:
+        # The keys given with --run-config: they beat a preset even when equal to the default.
+        explicit = dict(grid.run.override_config)
+    except (AttributeError, TypeError, ValueError):
+        explicit = None  # a grid without run information (e.g. server_app.inprocess)
+    run_ddome(grid, dict(context.run_config), explicit=explicit)
 
 
-def run_ddome(grid: Grid, run_config: dict) -> dict:
+def run_ddome(grid: Grid, run_config: dict, explicit: dict | None = None) -> dict:
     """Resolve the configuration, run DDOME on ``grid`` and write the results.
+
+    ``explicit`` is the user's ``--run-config`` keys (see :func:`server_app.config.resolve`).
 
     Returns
     -------
@@ -135,7 +142,7 @@ def run_ddome(grid: Grid, run_config: dict) -> dict:
     """
     logging.getLogger("ddome_strategy").setLevel(logging.INFO)
     started = time.perf_counter()
-    cfg = resolve(run_config)
+    cfg = resolve(run_config, explicit)
     done, arrays, strategy_state, torch_rng, run_dir = 0, None, None, None, None
     if cfg["resume"]:
         done, arrays, strategy_state, torch_rng, run_dir = resume_point(cfg)

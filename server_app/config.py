@@ -2,11 +2,13 @@
 
 Precedence, lowest first: the defaults below (the same as ``[tool.flwr.app.config]``
 in ``pyproject.toml``, which a test checks), then the preset named by ``config-file``,
-then any value given with ``--run-config`` (a value that differs from its default).
+then every key given with ``--run-config`` (Flower's ``override_config`` of the run,
+even a value equal to its default; without it, the values that differ from their default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,23 +86,31 @@ def load_preset(name: str) -> dict[str, Any]:
     return preset
 
 
-def resolve(run_config: dict[str, Any]) -> dict[str, Any]:
+def resolve(run_config: Mapping[str, Any], explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge defaults, the preset and explicit overrides, then validate.
 
     Parameters
     ----------
-    run_config : dict
-        ``context.run_config`` of the ServerApp.
+    run_config : Mapping
+        ``context.run_config`` of the ServerApp (pyproject defaults fused with the overrides).
+    explicit : Mapping, optional
+        The keys the user passed with ``--run-config`` (``grid.run.override_config``).
+        Each of them beats the preset, even when equal to its default. Without it, only
+        the values of ``run_config`` that differ from their default count as explicit,
+        so ``batch-size=32`` (the default) cannot override a preset's ``batch-size``.
 
     Returns
     -------
     dict
         The complete, validated configuration.
     """
-    unknown = sorted(set(run_config) - set(DEFAULTS))
+    unknown = sorted((set(run_config) | set(explicit or {})) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"Unknown run-config key {unknown[0]!r}.")
+    # Values differing from their default stay overrides even with ``explicit``: a grid
+    # that leaves override_config empty then behaves as without it.
     overrides = {k: v for k, v in run_config.items() if v != DEFAULTS[k]}
+    overrides.update(explicit or {})
     preset = load_preset(overrides["config-file"]) if overrides.get("config-file") else {}
     cfg = {**DEFAULTS, **preset, **overrides}
     for key, value in cfg.items():

@@ -61,3 +61,18 @@ def test_preset_with_a_typo_names_the_key(tmp_path):
 
 def test_integer_for_a_float_key_is_accepted():
     assert resolve({**DEFAULTS, "lr": 1})["lr"] == 1.0
+
+
+def test_explicit_override_equal_to_the_default_beats_the_preset(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("batch-size: 256\nlr: 0.05\n")
+    run_config = {**DEFAULTS, "config-file": str(preset), "batch-size": 32}
+    # Flower's override_config: exactly the keys given with --run-config.
+    cfg = resolve(run_config, explicit={"config-file": str(preset), "batch-size": 32})
+    assert (cfg["batch-size"], cfg["lr"]) == (32, 0.05)
+    # Without it, 32 (the default) looks like no override and the preset wins, as before.
+    assert resolve(run_config)["batch-size"] == 256
+    # An empty override_config behaves as none: values differing from the default still win.
+    assert resolve({**run_config, "batch-size": 64}, explicit={})["batch-size"] == 64
+    with pytest.raises(ConfigError, match="bogus"):
+        resolve(run_config, explicit={"bogus": 1})
