@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from client_app.task import build_local_gate, embed  # noqa: E402
 from data.settings import partitioned  # noqa: E402
 from ddome_strategy.arrays import GATE_PREFIX, load_part  # noqa: E402
+from server_app.plots import plot_routing  # noqa: E402
 
 NAMES = {
     "ddome": "DDOME",
@@ -97,26 +98,6 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_routing(routing: dict, path: Path, method: str = "ddome", top_k: int | None = None) -> None:
-    """Heatmap: which experts the gate picks for which clients (label groups); a white
-    frame marks each client's top-K experts, the ones the server would send it."""
-    matrix = np.asarray(routing["matrix"])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * matrix.shape[1], 1 + 0.28 * matrix.shape[0]))
-    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    if top_k:
-        for row, scores in enumerate(matrix):
-            for col in np.argsort(-scores, kind="stable")[:top_k]:
-                ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="white", lw=1.2))
-    ax.set_xticks(range(matrix.shape[1]), [f"expert {i}" for i in range(matrix.shape[1])], rotation=45, ha="right")
-    ax.set_yticks(range(matrix.shape[0]), routing["clients"], fontsize=7)
-    picks = f", frames: top-{top_k}" if top_k else ""
-    ax.set_title(f"{NAMES.get(method, method)} gate: mean routing probability per client{picks}", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_report(out: Path, results: list[dict], config: dict, command: str) -> None:
     """Write ``table.md``, ``accuracy.png`` and ``routing-seed<s>.png`` into ``out``."""
     header = f"Command: `{command}`\n\nDataset {config['dataset']}, {config['num-server-rounds']} rounds, M={config['num-experts']}, K={config['top-k']}, partition {config['partition-mode']}.\n\n"
@@ -126,4 +107,5 @@ def write_report(out: Path, results: list[dict], config: dict, command: str) -> 
         if "routing" in r:
             name = "routing" if r["method"] == "ddome" else f"routing-{r['method']}"
             top_k = config["top-k"] if r["method"] == "ddome" else None  # FedMix sends all M
-            plot_routing(r["routing"], out / f"{name}-seed{r['seed']}.png", r["method"], top_k)
+            title = NAMES.get(r["method"], r["method"])
+            plot_routing(r["routing"], out / f"{name}-seed{r['seed']}.png", title, top_k)

@@ -199,6 +199,11 @@ class DDOME(Strategy):
         self.sent: dict[int, ArrayRecord] = {}
         self.evaluated: set[int] = set()
         self.traffic = _RoundTraffic()
+        # Mean gate scores each client last reported in a routing phase (node id -> scores).
+        self.scores: dict[int, list[float]] = {}
+        # The last evaluation's routing, for the run's heatmap: partition id -> role,
+        # anchor expert, mean gate scores and the experts sent.
+        self.last_routing: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:
@@ -363,6 +368,7 @@ class DDOME(Strategy):
                 log(WARNING, "routing: node %s sent invalid gate scores (%s); it is left out", node, scores)
                 continue
             chosen[node] = top_k_experts(scores, self.top_k)
+            self.scores[node] = scores.tolist()
         return chosen
 
     def _dispatch(self, clients_experts: dict[int, list[int]], config: dict, message_type: str) -> list[Message]:
@@ -536,6 +542,15 @@ class DDOME(Strategy):
             clients += self._with_role(grid, ANCHOR) + self._with_role(grid, NORMAL)
         routed = self.route(grid, clients, server_round)
         self.evaluated = set(routed)
+        self.last_routing = {
+            self.clients[n].partition_id: {
+                "role": self.clients[n].role,
+                "expert": self.clients[n].expert,
+                "scores": self.scores[n],
+                "chosen": experts,
+            }
+            for n, experts in routed.items()
+        }
         eval_config = {**dict(config), TASK: "evaluate", "server-round": server_round}
         return self._dispatch(routed, eval_config, MessageType.EVALUATE)
 

@@ -21,6 +21,7 @@ from ddome_strategy.common_expert import load_or_pretrain
 from ddome_strategy.models import build_gate, build_model
 from server_app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server_app.config import ConfigError, client_config, resolve
+from server_app.plots import write_plots
 from server_app.results import RunWriter
 
 app = ServerApp()
@@ -78,8 +79,9 @@ def build_strategy(cfg: dict, common, on_metrics=None, cls: type[DDOME] = DDOME,
     return cls(cfg["num-experts"], role_of, **options)
 
 
-def print_summary(writer: RunWriter, common_accuracy: float, seconds: float) -> dict:
-    """Print the final zero-shot figures next to the common expert's."""
+def print_summary(writer: RunWriter, common_accuracy: float, seconds: float, plots: dict | None = None) -> dict:
+    """Print the final zero-shot figures next to the common expert's; ``plots`` (name ->
+    path in the run folder) is listed in ``summary.json``."""
     evaluations = [row for row in writer.history if row["stage"] == "evaluate"]
     final = evaluations[-1] if evaluations else {}
     summary = {
@@ -94,6 +96,7 @@ def print_summary(writer: RunWriter, common_accuracy: float, seconds: float) -> 
         / max(1, sum(r["stage"] == "train" for r in writer.history)),
         "wall-seconds": seconds,
         "output": str(writer.path),
+        "plots": plots or {},
     }
 
     def fmt(value):
@@ -187,7 +190,8 @@ def run_ddome(grid: Grid, run_config: dict, explicit: dict | None = None) -> dic
             evaluate_fn=checkpoint,
         )
     writer.save_arrays("moe", strategy.arrays)
-    return print_summary(writer, common_accuracy, time.perf_counter() - started)
+    plots = write_plots(writer.path, writer.history, strategy.last_routing)
+    return print_summary(writer, common_accuracy, time.perf_counter() - started, plots)
 
 
 # Keys a resumed run may change; any other difference would make it a different run.

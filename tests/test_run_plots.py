@@ -1,0 +1,47 @@
+"""A run draws its own pictures (accuracy, routing heatmap, traffic) and lists them in summary.json."""
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+
+from client_app.app import app as client_app
+from server_app.app import run_ddome
+from server_app.config import DEFAULTS
+from server_app.inprocess import InProcessGrid
+
+NODES = 13  # configs/digits-tiny.yaml: 10 training + 3 unseen test clients
+NUM_EXPERTS = 5
+
+
+def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path):
+    run_config = {
+        **DEFAULTS,
+        "config-file": "configs/digits-tiny.yaml",
+        "output-dir": str(tmp_path / "out"),
+        "cache-dir": str(tmp_path.parent / "ddome-test-cache"),
+        "num-server-rounds": 4,
+        "eval-every": 2,
+    }
+    summary = run_ddome(InProcessGrid(client_app, NODES), run_config)
+    run_dir = Path(summary["output"])
+
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["plots"] == {"accuracy": "accuracy.png", "routing": "routing.png", "bytes": "bytes.png"}
+    for relative in saved["plots"].values():
+        path = run_dir / relative
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0  # not blank
+
+    # The heatmap: one row per client evaluated at the last round, one column per expert.
+    routing = json.loads((run_dir / "routing.json").read_text())
+    matrix = np.asarray(routing["matrix"])
+    assert matrix.shape == (NODES, NUM_EXPERTS)  # eval-train-clients: training clients are evaluated too
+    assert (matrix >= 0).all() and np.allclose(matrix.sum(1), 1, atol=1e-3)
+    assert [label.split()[0] for label in routing["clients"]] == ["anchor"] * 5 + ["normal"] * 5 + ["test"] * 3
+    assert routing["clients"][0] == "anchor p0 (e0)" and routing["clients"][-1] == "test p12"
+    # The frames are the experts each client was sent: its top-K gate scores.
+    for scores, chosen in zip(matrix, routing["chosen"], strict=True):
+        assert len(chosen) == 2 and set(chosen) == set(np.argsort(-scores, kind="stable")[:2])
