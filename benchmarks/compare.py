@@ -1,21 +1,34 @@
 """The paper's comparison on the same partitions, seeds, common expert and round budget.
 
     python -m benchmarks.compare                          # the CPU preset (Fashion-MNIST)
+    python -m benchmarks.compare --tune --seeds 0,1,2     # each method at its own best setting
     python -m benchmarks.compare --config-file configs/cifar10.yaml --seeds 0,1
     python -m benchmarks.compare --run-config anchors-per-round=2 top-k=1   # ablations
     python -m benchmarks.compare --engine simulation      # through flwr.simulation (Ray)
 
+``--tune`` gives every method the same tuning budget: the grid ``TUNING_GRID`` (local
+batch size, learning rate; FedProx also its proximal mu), each point scored on the
+validation split (a slice of the training split held out from every client, with the
+test clients' label sets: the test split is never read), the best point per method
+(mean over the seeds) then run on the test split, and the spec's setting beside it.
+
+Every method is evaluated every round and reported as the mean of its last 5
+evaluations, with the final one and the paper's best-of-last-10 beside it.
+
 Methods: DDOME; FedAvg and FedProx (Flower's own strategies, one model); FedMix (all M
 experts sent every round, gate on the common-expert embedding, no anchors); Avg-Ensembles
 (M models trained FedAvg-style, each client trains one at random, predictions averaged);
-the common expert alone. All start from the common expert. Every method is evaluated on
-the same clients' held-out data and averaged over clients the same way.
+the common expert alone. All start from the same initialisation (the experts'
+``experts-init``; single-model methods from the first expert). Every method is evaluated on
+the same clients' held-out data and averaged over clients the same way; FedMix by the
+gated mixture of all M experts it was trained for, DDOME zero-shot by top-1 of its K.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import sys
 import time
@@ -23,7 +36,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
@@ -31,6 +43,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from benchmarks.report import routing_matrix, write_report
 from client_app import baselines
 from client_app.app import app as client_app
+from ddome_strategy.arrays import expert_prefix
 from ddome_strategy.strategy import CONFIG, DDOME, METRICS, NORMAL, TASK, TEST, layout_roles
 from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, resolve
@@ -38,6 +51,17 @@ from server_app.inprocess import InProcessGrid
 
 METHODS = ("ddome", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
 ENGINES = ("inprocess", "simulation")
+
+# The same grid for every method (the gate's learning rate stays a tenth of the experts',
+# the spec's ratio); FedProx also tries each proximal mu.
+TUNING_GRID = {"batch-size": (32, 256), "lr": (0.01, 0.03, 0.1)}
+FEDPROX_MUS = (0.001, 0.01, 0.1, 1.0)
+# The spec's local training (batch 256, lr 0.01, gate lr 0.001), reported for every method.
+SPEC_SETTING = {"batch-size": 256, "lr": 0.01, "gate-lr": 0.001}
+# What a method's accuracy is: FedMix predicts with the gated mixture it was trained for.
+SCORE = {"fedmix": "mixture-acc"}
+LAST_EVALUATIONS = 5  # reported: the mean of the last 5 evaluations
+BEST_OF = 10  # and the paper's best of the last 10
 
 
 class CountingGrid:
@@ -54,7 +78,13 @@ class CountingGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        # Replies in the order the messages were sent, not of arrival: Flower's FedAvg sums
+        # in reply order, and Ray's arrival order would change the last bits.
+        position = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
+        replies = sorted(
+            self.grid.send_and_receive(messages, timeout=timeout),
+            key=lambda r: position.get(r.metadata.src_node_id, len(position)),
+        )
         for m in [*messages, *replies]:
             if m.metadata.message_type == MessageType.TRAIN and m.has_content():
                 self.train_bytes += sum(r.count_bytes() for r in m.content.array_records.values())
@@ -94,12 +124,26 @@ def discover_partitions(grid: Grid, cfg: dict) -> dict[int, int]:
 
 def _mean_by_group(replies: list[Message], groups: dict[int, str]) -> dict[str, float]:
     by_group: dict[str, list[float]] = {}
-    for reply in replies:
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         if not reply.has_error():
             by_group.setdefault(groups[reply.metadata.src_node_id], []).append(
                 float(reply.content[METRICS]["zero-shot-acc"])
             )
     return {f"{g}/zero-shot-acc": float(np.mean(v)) for g, v in by_group.items()}
+
+
+def summarise(history: list[dict], group: str = "test") -> dict[str, float | None]:
+    """The reported figures of one run's accuracy curve: the mean of the last
+    ``LAST_EVALUATIONS`` evaluations (the headline), the final one, and the paper's best of
+    the last ``BEST_OF``."""
+    curve = [h[f"{group}/zero-shot-acc"] for h in history if h.get(f"{group}/zero-shot-acc") is not None]
+    if not curve:
+        return {"mean-last": None, "final": None, "best-of-last": None}
+    return {
+        "mean-last": float(np.mean(curve[-LAST_EVALUATIONS:])),
+        "final": float(curve[-1]),
+        "best-of-last": float(np.max(curve[-BEST_OF:])),
+    }
 
 
 def _evaluator(grid: Grid, partitions: dict[int, int], cfg: dict, task: str, every: int, last: int, history: list):
@@ -123,21 +167,35 @@ def _evaluator(grid: Grid, partitions: dict[int, int], cfg: dict, task: str, eve
     return evaluate_fn
 
 
+def first_expert(moe: ArrayRecord) -> ArrayRecord:
+    """Expert 0 of a packed MoE as a plain model: the single-model methods' start, so that
+    every method starts from the same initialisation whatever ``experts-init`` says."""
+    prefix = expert_prefix(0)
+    return ArrayRecord({k[len(prefix) :]: v for k, v in moe.items() if k.startswith(prefix)}, keep_input=True)
+
+
 def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str], None], grid: Grid) -> dict:
     """Run one method on ``grid`` (a fresh federation: no node has state yet); return its figures."""
     rounds, history, train_bytes = cfg["num-server-rounds"], [], []
     started = time.perf_counter()
     partitions = discover_partitions(grid, cfg)
     random.seed(cfg["seed"])  # Flower's FedAvg samples with Python's random
-    torch.manual_seed(cfg["seed"])
+    initial = build_moe(cfg, dataset, common)  # seeds torch with cfg["seed"]
     per_round = cfg["anchors-per-round"] + cfg["normal-per-round"]
+    score = SCORE.get(method, "zero-shot-acc")
 
     def on_metrics(server_round, stage, metrics, arrays):
         if stage == "train":
             train_bytes.append(metrics["bytes-total"])
             progress(f"{method}: round {server_round}/{rounds} loss {metrics['train-loss']:.3f}")
         else:
-            history.append({"round": server_round, **{k: v for k, v in metrics.items() if k.endswith("zero-shot-acc")}})
+            row = {
+                f"{g}/zero-shot-acc": metrics[f"{g}/{score}"] for g in ("test", "train") if f"{g}/{score}" in metrics
+            }
+            # Both of a MoE's predictions, whichever is its score: top-1 of K and the mixture.
+            row.update({k: v for k, v in metrics.items() if k.endswith(("/mixture-acc", "/routing-error"))})
+            row["top1-of-k"] = metrics.get("test/zero-shot-acc")
+            history.append({"round": server_round, **row})
 
     strategy = None
     if method in ("ddome", "fedmix", "avg-ensembles"):
@@ -155,7 +213,7 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
             evaluate_fn = _evaluator(
                 grid, partitions, cfg, baselines.EVALUATE_ENSEMBLE, cfg["eval-every"], rounds, history
             )
-        strategy.start(grid, build_moe(cfg, dataset, common), num_rounds=rounds, evaluate_fn=evaluate_fn)
+        strategy.start(grid, initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
         bytes_per_round = float(np.mean(train_bytes))
     elif method in ("fedavg", "fedprox"):
         # Baselines sample among the training clients, listed in partition order so that
@@ -177,7 +235,7 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
 
         strategy.start(
             counting,
-            ArrayRecord(common.state_dict()),
+            first_expert(initial),
             num_rounds=rounds,
             train_config=train_config,
             evaluate_fn=progress_fn,
@@ -187,11 +245,14 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         _evaluator(grid, partitions, cfg, baselines.EVALUATE_SINGLE, 1, 1, history)(1, ArrayRecord(common.state_dict()))
         history[-1]["round"] = rounds
         bytes_per_round = 0.0
-    final = history[-1]
+    test, train = summarise(history, "test"), summarise(history, "train")
     result = {
         "method": method,
-        "zero-shot-acc": final.get("test/zero-shot-acc"),
-        "train-clients-acc": final.get("train/zero-shot-acc"),
+        "score": score,
+        "zero-shot-acc": test["mean-last"],
+        "final-acc": test["final"],
+        "best-of-last-10-acc": test["best-of-last"],
+        "train-clients-acc": train["mean-last"],
         "bytes-per-round": bytes_per_round,
         "wall-seconds": time.perf_counter() - started,
         "history": history,
@@ -244,20 +305,96 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="inprocess",
         help="inprocess: InProcessGrid (fast, deterministic); simulation: flwr.simulation.run_simulation (Ray)",
     )
-    parser.add_argument("--fedprox-mu", type=float, default=0.01, help="FedProx's proximal term")
+    parser.add_argument("--fedprox-mu", type=float, default=0.01, help="FedProx's proximal term (without --tune)")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose each method's batch size and learning rate (FedProx: and mu) on the validation split, "
+        "then report every method at its own best setting and at the spec's setting",
+    )
     parser.add_argument("--out", default="", help="output folder (default outputs/benchmark-<time>)")
+    parser.add_argument("--verbose", action="store_true", help="also show Flower's per-round logs")
     parser.add_argument("--replot", metavar="FOLDER", help="only redraw table.md and the plots of a finished benchmark")
     return parser.parse_args(argv)
 
 
-def resolve_config(args, seed: int) -> dict:
-    """The run config the app would use, for one seed."""
+def resolve_config(args, seed: int, setting: dict | None = None) -> dict:
+    """The run config the app would use, for one seed and a tuning ``setting``.
+
+    The benchmark evaluates every round unless ``eval-every`` is given: its figures are
+    means over the last evaluations.
+    """
     import yaml
 
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.run_config)}
-    cfg = resolve({**DEFAULTS, "config-file": args.config_file, **overrides, "seed": seed})
-    cfg["fedprox-mu"] = args.fedprox_mu
+    explicit = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.run_config)}
+    explicit = {"eval-every": 1, **explicit, "config-file": args.config_file, "seed": seed}
+    setting = dict(setting or {})
+    mu = setting.pop("fedprox-mu", args.fedprox_mu)
+    explicit.update(setting)
+    cfg = resolve({**DEFAULTS, **explicit}, explicit=explicit)
+    cfg["fedprox-mu"] = mu
     return cfg
+
+
+def tuning_points(method: str) -> list[dict]:
+    """The grid points of ``method``: ``TUNING_GRID`` (gate lr a tenth of lr), times
+    ``FEDPROX_MUS`` for FedProx; the common expert alone has nothing to tune."""
+    if method == "common-expert":
+        return [{}]
+    points = [
+        {"batch-size": batch, "lr": lr, "gate-lr": lr / 10}
+        for batch in TUNING_GRID["batch-size"]
+        for lr in TUNING_GRID["lr"]
+    ]
+    if method == "fedprox":
+        points = [{**p, "fedprox-mu": mu} for p in points for mu in FEDPROX_MUS]
+    return points
+
+
+def setting_name(setting: dict) -> str:
+    """A grid point as a short label, e.g. ``batch 256, lr 0.01, mu 0.1``."""
+    names = {"batch-size": "batch", "lr": "lr", "fedprox-mu": "mu"}
+    return ", ".join(f"{names[k]} {v:g}" for k, v in setting.items() if k in names) or "none"
+
+
+def run_seeds(args, methods: list[str], seeds: list[int], settings: dict[str, list[dict]], split: str, label: str):
+    """Run every method at each of its ``settings`` for every seed on ``split``."""
+    results = []
+    for seed in seeds:
+        for method in methods:
+            for setting in settings[method]:
+                cfg = resolve_config(args, seed, {**setting, "evaluation-split": split})
+                dataset, common, _ = build_common_expert(cfg)
+                name = f"[{label} seed {seed}] {method} ({setting_name(setting)})"
+                print(f"{name} ...", flush=True)
+                result = run_on_engine(args.engine, method, cfg, dataset, common, lambda line: None)
+                trained_with = {k: cfg[k] for k in ("batch-size", "lr")} if method != "common-expert" else {}
+                if method == "fedprox":
+                    trained_with["fedprox-mu"] = cfg["fedprox-mu"]
+                result.update(seed=seed, setting=setting, split=split, kind=label, **{"trained-with": trained_with})
+                results.append(result)
+                print(f"{name}: {result['zero-shot-acc']:.4f} ({result['wall-seconds']:.1f} s)", flush=True)
+    return results
+
+
+def best_settings(tuning: list[dict], methods: list[str]) -> dict[str, dict]:
+    """Per method, the grid point with the best validation score, averaged over seeds
+    (ties: the first point of the grid)."""
+    chosen = {}
+    for method in methods:
+        points = tuning_points(method)
+        scores = [
+            np.mean([r["zero-shot-acc"] for r in tuning if r["method"] == method and r["setting"] == p]) for p in points
+        ]
+        chosen[method] = points[int(np.argmax(scores))]
+    return chosen
+
+
+def spec_setting(method: str, chosen: dict) -> dict:
+    """The spec's local training for ``method`` (FedProx keeps the mu ``chosen`` for it)."""
+    if method == "common-expert":
+        return {}
+    return {**SPEC_SETTING, **({"fedprox-mu": chosen["fedprox-mu"]} if method == "fedprox" else {})}
 
 
 def main(argv=None) -> Path:
@@ -266,33 +403,34 @@ def main(argv=None) -> Path:
     if args.replot:
         out = Path(args.replot)
         saved = json.loads((out / "results.json").read_text())
-        write_report(out, saved["results"], saved["config"], saved["command"])
+        write_report(out, saved["results"], saved["config"], saved["command"], saved.get("tuning"))
         return out
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"Unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.verbose:  # the benchmark prints one line per run; Flower's round logs would bury them
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     out = Path(args.out or f"outputs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        cfg = resolve_config(args, seed)
-        dataset, common, _ = build_common_expert(cfg)
-        for method in methods:
-            print(f"[seed {seed}] {method} ...", flush=True)
-            result = run_on_engine(
-                args.engine, method, cfg, dataset, common, lambda line: print(f"  [seed {seed}] {line}", flush=True)
-            )
-            result["seed"] = seed
-            results.append(result)
-            print(
-                f"[seed {seed}] {method}: zero-shot {result['zero-shot-acc']:.4f} ({result['wall-seconds']:.1f} s)",
-                flush=True,
-            )
-    config = {**{k: v for k, v in cfg.items() if k != "seed"}, "engine": args.engine}
+    tuning = None
+    if args.tune:
+        tuning = run_seeds(args, methods, seeds, {m: tuning_points(m) for m in methods}, "validation", "tune")
+        chosen = best_settings(tuning, methods)
+        results = run_seeds(args, methods, seeds, {m: [chosen[m]] for m in methods}, "test", "best")
+        spec = {m: spec_setting(m, chosen[m]) for m in methods if spec_setting(m, chosen[m]) != chosen[m]}
+        results += run_seeds(args, list(spec), seeds, {m: [s] for m, s in spec.items()}, "test", "spec")
+        for r in results:
+            r["spec-setting"] = r["setting"] == spec_setting(r["method"], chosen[r["method"]])
+    else:
+        results = run_seeds(args, methods, seeds, {m: [{}] for m in methods}, "test", "run")
+    cfg = resolve_config(args, seeds[-1])
+    config = {**{k: v for k, v in cfg.items() if k != "seed"}, "engine": args.engine, "tuned": args.tune}
     command = " ".join(["python -m benchmarks.compare", *(argv if argv is not None else sys.argv[1:])])
-    (out / "results.json").write_text(json.dumps({"command": command, "config": config, "results": results}, indent=2))
-    write_report(out, results, config, command)
+    saved = {"command": command, "config": config, "results": results, "tuning": tuning}
+    (out / "results.json").write_text(json.dumps(saved, indent=2))
+    write_report(out, results, config, command, tuning)
     print((out / "table.md").read_text())
     return out
 

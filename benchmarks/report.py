@@ -37,7 +37,9 @@ def routing_matrix(cfg: dict, dataset, common, arrays) -> dict:
     rows, labels = [], []
     for pid in range(plan.num_partitions):
         role = plan.role(pid)
-        x = dataset.train_x[plan.train_indices[pid]] if role != "test" else dataset.test_x[plan.eval_indices[pid]]
+        # A test client routes on its unlabeled evaluation data (the validation split when tuning).
+        unlabeled = dataset.train_x if plan.eval_split == "train" else dataset.test_x
+        x = dataset.train_x[plan.train_indices[pid]] if role != "test" else unlabeled[plan.eval_indices[pid]]
         rows.append(torch.softmax(gate(embed(common, x)), 1).mean(0).tolist())
         name = f"anchor {pid}" if role == "anchor" else ("unseen" if role == "test" else "client") + f" {pid}"
         labels.append(f"{name} {list(plan.client_labels[pid])}")
@@ -50,22 +52,49 @@ def _fmt(value, percent=True) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.1f}"
 
 
+def _setting(run: dict) -> str:
+    names = {"batch-size": "batch", "lr": "lr", "fedprox-mu": "mu"}
+    return ", ".join(f"{names[k]} {v:g}" for k, v in run.get("trained-with", {}).items()) or "-"
+
+
 def table(results: list[dict]) -> str:
-    """One row per method: mean (and per seed) over the seeds run."""
+    """One row per method (and setting): means over the seeds run, the spread (standard
+    deviation over seeds) of the headline figure, and the per-seed values."""
     by_method = defaultdict(list)
     for r in results:
-        by_method[r["method"]].append(r)
+        by_method[(r["method"], _setting(r))].append(r)
     lines = [
-        "| method | zero-shot acc. on unseen clients (%) | acc. on training clients (%) | MB sent per round | wall time (s) | per seed (zero-shot %) |",
-        "|---|---|---|---|---|---|",
+        "| method | setting | zero-shot acc. on unseen clients, mean of last 5 evals (%) | final eval (%) | "
+        "best of last 10 (%) | training clients (%) | MB sent per round | wall time (s) | per seed (mean of last 5, %) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, runs in by_method.items():
-        mean = lambda key: float(np.mean([r[key] for r in runs])) if all(r[key] is not None for r in runs) else None  # noqa: E731
+    for (method, setting), runs in by_method.items():
+        mean = lambda key: float(np.mean([r[key] for r in runs])) if all(r.get(key) is not None for r in runs) else None  # noqa: E731
+        spread = f" ± {100 * np.std([r['zero-shot-acc'] for r in runs]):.2f}" if len(runs) > 1 else ""
         seeds = ", ".join(f"{r['seed']}: {_fmt(r['zero-shot-acc'])}" for r in runs)
         lines.append(
-            f"| {NAMES[method]} | {_fmt(mean('zero-shot-acc'))} | {_fmt(mean('train-clients-acc'))} | "
+            f"| {NAMES[method]} | {setting} | {_fmt(mean('zero-shot-acc'))}{spread} | {_fmt(mean('final-acc'))} | "
+            f"{_fmt(mean('best-of-last-10-acc'))} | {_fmt(mean('train-clients-acc'))} | "
             f"{mean('bytes-per-round') / 1e6:.2f} | {_fmt(mean('wall-seconds'), False)} | {seeds} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def tuning_table(tuning: list[dict]) -> str:
+    """Validation score (mean of the last 5 evaluations, mean over seeds) of every grid
+    point, one row per method and point; the chosen point of each method in bold."""
+    by_point = defaultdict(list)
+    for r in tuning:
+        by_point[(r["method"], _setting(r))].append(r["zero-shot-acc"])
+    best = {}
+    for (method, setting), scores in by_point.items():
+        if method not in best or np.mean(scores) > best[method][1]:
+            best[method] = (setting, np.mean(scores))
+    lines = ["| method | setting | validation acc., mean of last 5 evals (%) | per seed |", "|---|---|---|---|"]
+    for (method, setting), scores in by_point.items():
+        mark = "**" if best[method][0] == setting else ""
+        values = ", ".join(_fmt(v) for v in scores)
+        lines.append(f"| {NAMES[method]} | {mark}{setting}{mark} | {mark}{_fmt(np.mean(scores))}{mark} | {values} |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,10 +127,29 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, results: list[dict], config: dict, command: str) -> None:
-    """Write ``table.md``, ``accuracy.png`` and ``routing-seed<s>.png`` into ``out``."""
+def write_report(out: Path, results: list[dict], config: dict, command: str, tuning: list[dict] | None = None) -> None:
+    """Write ``table.md``, ``accuracy.png`` and ``routing-seed<s>.png`` into ``out``.
+
+    With ``tuning`` (``--tune``): the table of each method at its own best setting, the
+    table at the spec's setting, and the validation scores of the whole grid; the plots
+    show the best settings.
+    """
     header = f"Command: `{command}`\n\nDataset {config['dataset']}, {config['num-server-rounds']} rounds, M={config['num-experts']}, K={config['top-k']}, partition {config['partition-mode']}.\n\n"
-    (out / "table.md").write_text(header + table(results))
+    if tuning:
+        best = [r for r in results if r["kind"] == "best"]
+        spec = [r for r in results if r.get("spec-setting")]
+        body = (
+            "Each method at its own best setting (chosen on the validation split):\n\n"
+            + table(best)
+            + "\nEvery method at the spec's local training (batch 256, lr 0.01, gate lr 0.001):\n\n"
+            + table(spec)
+            + "\nTuning on the validation split (never the test split):\n\n"
+            + tuning_table(tuning)
+        )
+        results = best
+    else:
+        body = table(results)
+    (out / "table.md").write_text(header + body)
     plot_accuracy(results, out / "accuracy.png")
     for r in results:
         if "routing" in r:

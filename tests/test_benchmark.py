@@ -5,9 +5,10 @@ import json
 import pytest
 from flwr.app import ArrayRecord, MessageType
 
-from benchmarks.compare import METHODS, main, parse_args, resolve_config, run_method
+from benchmarks import compare
+from benchmarks.compare import METHODS, CountingGrid, main, parse_args, resolve_config, run_method, summarise
 from client_app.app import app as client_app
-from server_app.app import build_common_expert
+from server_app.app import build_common_expert, build_moe
 from server_app.inprocess import InProcessGrid
 
 
@@ -51,7 +52,7 @@ def test_table_and_plots_are_written_and_parseable(benchmark_run):
     assert "zero-shot" in header and len(body) == len(METHODS)
     by_name = {cells[1].strip(): cells for cells in (row.split("|") for row in body)}
     ddome = next(r for r in report["results"] if r["method"] == "ddome")
-    assert float(by_name["DDOME"][2]) == pytest.approx(100 * ddome["zero-shot-acc"], abs=0.01)
+    assert float(by_name["DDOME"][3]) == pytest.approx(100 * ddome["zero-shot-acc"], abs=0.01)
     for png in ("accuracy.png", "routing-seed0.png", "routing-fedmix-seed0.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     routing = ddome["routing"]
@@ -146,3 +147,123 @@ def test_simulation_engine_gives_the_in_process_result(benchmark_run, tmp_path):
     (sim,) = json.loads((out / "results.json").read_text())["results"]
     assert sim["zero-shot-acc"] == pytest.approx(in_process["fedavg"]["zero-shot-acc"], abs=1e-6)
     assert sim["bytes-per-round"] == in_process["fedavg"]["bytes-per-round"]
+
+
+def test_reported_figures_are_the_last_evaluations_not_the_final_one():
+    history = [
+        {"round": r, "test/zero-shot-acc": acc} for r, acc in enumerate([0.9, 0.1, 0.5, 0.7, 0.2, 0.4, 0.6, 0.3], 1)
+    ]
+    figures = summarise(history)
+    assert figures["final"] == 0.3
+    assert figures["mean-last"] == pytest.approx((0.7 + 0.2 + 0.4 + 0.6 + 0.3) / 5)
+    assert figures["best-of-last"] == 0.9  # fewer than 10 evaluations: the best of all
+    assert summarise(history * 2)["best-of-last"] == 0.9 and summarise(history[1:] * 2)["best-of-last"] == 0.7
+
+
+def test_fedmix_is_scored_by_the_mixture_it_was_trained_for(benchmark_run):
+    _, report = benchmark_run
+    results = {r["method"]: r for r in report["results"]}
+    fedmix, ddome = results["fedmix"], results["ddome"]
+    assert fedmix["score"] == "mixture-acc" and ddome["score"] == "zero-shot-acc"
+    for row in fedmix["history"]:
+        assert row["test/zero-shot-acc"] == row["test/mixture-acc"]
+    for row in ddome["history"]:  # DDOME: top-1 of its K experts, as the spec says
+        assert row["test/zero-shot-acc"] == row["top1-of-k"]
+
+
+def _first_train_arrays(method, cfg, dataset, common):
+    grid = InProcessGrid(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
+    sent = []
+
+    class Recording(CountingGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            sent.extend(m for m in messages if m.metadata.message_type == MessageType.TRAIN)
+            return super().send_and_receive(messages, timeout=timeout)
+
+    run_method(method, cfg, dataset, common, lambda line: None, Recording(grid))
+    return sent[0].content["arrays"]
+
+
+def test_every_method_starts_from_the_same_initialisation_whatever_experts_init(tmp_path):
+    args = parse_args(
+        [
+            "--config-file",
+            "configs/digits-tiny.yaml",
+            "--run-config",
+            "num-server-rounds=1",
+            "experts-init=random",
+            f"cache-dir={tmp_path}",
+        ]
+    )
+    cfg = resolve_config(args, 0)
+    dataset, common, _ = build_common_expert(cfg)
+    initial = build_moe(cfg, dataset, common)
+    expert0 = compare.first_expert(initial)
+    fedavg = _first_train_arrays("fedavg", cfg, dataset, common)
+    ddome = _first_train_arrays("ddome", cfg, dataset, common)
+    common_state = common.state_dict()
+    assert set(fedavg) == set(expert0) == set(common_state)
+    # FedAvg starts from the experts' initialisation (expert 0), DDOME from the same MoE...
+    assert all((fedavg[k].numpy() == expert0[k].numpy()).all() for k in fedavg)
+    assert all((ddome[k].numpy() == initial[k].numpy()).all() for k in ddome)
+    # ...and with random experts, no longer from the common expert.
+    assert any((fedavg[k].numpy() != common_state[k].numpy()).any() for k in fedavg)
+
+
+def test_counting_grid_returns_replies_in_the_order_the_messages_were_sent(fake_grid_class):
+    from flwr.app import Message, RecordDict
+
+    class Reversed(fake_grid_class):
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(reversed(super().send_and_receive(messages, timeout=timeout)))
+
+    grid = Reversed({n: (lambda m: Message(RecordDict(), reply_to=m)) for n in (5, 3, 9)})
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in (9, 5, 3)]
+    replies = CountingGrid(grid).send_and_receive(messages)
+    assert [r.metadata.src_node_id for r in replies] == [9, 5, 3]
+
+
+def test_explicit_run_config_beats_the_preset_even_at_its_default(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset: digits\nbatch-size: 256\n")
+    args = parse_args(["--config-file", str(preset), "--run-config", "batch-size=32"])
+    assert resolve_config(args, 0)["batch-size"] == 32
+    assert resolve_config(parse_args(["--config-file", str(preset)]), 0)["batch-size"] == 256
+
+
+def test_tuning_chooses_on_the_validation_split_and_reports_best_and_spec(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "TUNING_GRID", {"batch-size": (16, 256), "lr": (0.01,)})
+    monkeypatch.setattr(compare, "FEDPROX_MUS", (0.01, 1.0))
+    out = tmp_path / "tuned"
+    main(
+        [
+            "--tune",
+            "--methods",
+            "ddome,fedprox,common-expert",
+            "--config-file",
+            "configs/digits-tiny.yaml",
+            "--run-config",
+            "num-server-rounds=2",
+            f"cache-dir={tmp_path}",
+            "--out",
+            str(out),
+        ]
+    )
+    saved = json.loads((out / "results.json").read_text())
+    tuning, results = saved["tuning"], saved["results"]
+    # The whole grid was scored on the validation split; FedProx also over mu.
+    assert {r["split"] for r in tuning} == {"validation"}
+    assert sum(r["method"] == "fedprox" for r in tuning) == 4 and sum(r["method"] == "ddome" for r in tuning) == 2
+    assert {r["split"] for r in results} == {"test"}
+    for method in ("ddome", "fedprox"):
+        scored = [r for r in tuning if r["method"] == method]
+        best = max(scored, key=lambda r: r["zero-shot-acc"])
+        (chosen,) = [r for r in results if r["method"] == method and r["kind"] == "best"]
+        assert chosen["setting"] == best["setting"]
+        # The spec's setting is reported too (a separate run unless it was the best).
+        assert any(
+            r["method"] == method and r["spec-setting"] and r["trained-with"]["batch-size"] == 256 for r in results
+        )
+    table = (out / "table.md").read_text()
+    assert "own best setting" in table and "spec's local training" in table and "validation split" in table
