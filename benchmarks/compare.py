@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import random
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,7 @@ from benchmarks.report import routing_matrix, write_report
 from client_app import baselines
 from client_app.app import app as client_app
 from ddome_strategy.arrays import expert_prefix
-from ddome_strategy.strategy import CONFIG, DDOME, METRICS, NORMAL, TASK, TEST, layout_roles
+from ddome_strategy.strategy import CONFIG, DDOME, METRICS, NORMAL, TASK, TEST, evaluates, layout_roles
 from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid
@@ -154,7 +156,7 @@ def _evaluator(grid: Grid, partitions: dict[int, int], cfg: dict, task: str, eve
     config = ConfigRecord({**client_config(cfg), TASK: task})
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 or (server_round % every and server_round != last):
+        if server_round == 0 or not evaluates(server_round, last, every, cfg["eval-last-rounds"]):
             return None
         messages = [
             Message(RecordDict({"arrays": arrays, CONFIG: config}), dst_node_id=n, message_type=MessageType.EVALUATE)
@@ -314,6 +316,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="", help="output folder (default outputs/benchmark-<time>)")
     parser.add_argument("--verbose", action="store_true", help="also show Flower's per-round logs")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (in-process engine; one core each)")
     parser.add_argument("--replot", metavar="FOLDER", help="only redraw table.md and the plots of a finished benchmark")
     return parser.parse_args(argv)
 
@@ -321,13 +324,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_config(args, seed: int, setting: dict | None = None) -> dict:
     """The run config the app would use, for one seed and a tuning ``setting``.
 
-    The benchmark evaluates every round unless ``eval-every`` is given: its figures are
-    means over the last evaluations.
+    The benchmark evaluates every round of the last ``BEST_OF`` rounds unless
+    ``eval-last-rounds`` is given: its figures are means over the last evaluations.
     """
     import yaml
 
     explicit = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.run_config)}
-    explicit = {"eval-every": 1, **explicit, "config-file": args.config_file, "seed": seed}
+    explicit = {"eval-last-rounds": BEST_OF, **explicit, "config-file": args.config_file, "seed": seed}
     setting = dict(setting or {})
     mu = setting.pop("fedprox-mu", args.fedprox_mu)
     explicit.update(setting)
@@ -357,24 +360,41 @@ def setting_name(setting: dict) -> str:
     return ", ".join(f"{names[k]} {v:g}" for k, v in setting.items() if k in names) or "none"
 
 
+def run_one(args, seed: int, method: str, setting: dict, split: str, label: str) -> dict:
+    """One method at one setting for one seed on ``split``, on a fresh federation."""
+    cfg = resolve_config(args, seed, {**setting, "evaluation-split": split})
+    dataset, common, _ = build_common_expert(cfg)
+    name = f"[{label} seed {seed}] {method} ({setting_name(setting)})"
+    print(f"{name} ...", flush=True)
+    result = run_on_engine(args.engine, method, cfg, dataset, common, lambda line: None)
+    trained_with = {k: cfg[k] for k in ("batch-size", "lr")} if method != "common-expert" else {}
+    if method == "fedprox":
+        trained_with["fedprox-mu"] = cfg["fedprox-mu"]
+    result.update(seed=seed, setting=setting, split=split, kind=label, **{"trained-with": trained_with})
+    print(f"{name}: {result['zero-shot-acc']:.4f} ({result['wall-seconds']:.1f} s)", flush=True)
+    return result
+
+
+def _run_quietly(*task) -> dict:
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    return run_one(*task)
+
+
 def run_seeds(args, methods: list[str], seeds: list[int], settings: dict[str, list[dict]], split: str, label: str):
-    """Run every method at each of its ``settings`` for every seed on ``split``."""
-    results = []
-    for seed in seeds:
-        for method in methods:
-            for setting in settings[method]:
-                cfg = resolve_config(args, seed, {**setting, "evaluation-split": split})
-                dataset, common, _ = build_common_expert(cfg)
-                name = f"[{label} seed {seed}] {method} ({setting_name(setting)})"
-                print(f"{name} ...", flush=True)
-                result = run_on_engine(args.engine, method, cfg, dataset, common, lambda line: None)
-                trained_with = {k: cfg[k] for k in ("batch-size", "lr")} if method != "common-expert" else {}
-                if method == "fedprox":
-                    trained_with["fedprox-mu"] = cfg["fedprox-mu"]
-                result.update(seed=seed, setting=setting, split=split, kind=label, **{"trained-with": trained_with})
-                results.append(result)
-                print(f"{name}: {result['zero-shot-acc']:.4f} ({result['wall-seconds']:.1f} s)", flush=True)
-    return results
+    """Run every method at each of its ``settings`` for every seed on ``split``, in
+    ``args.jobs`` processes (runs are independent and seeded: the same results in any)."""
+    tasks = [
+        (args, seed, method, setting, split, label)
+        for seed in seeds
+        for method in methods
+        for setting in settings[method]
+    ]
+    if args.jobs <= 1:
+        return [run_one(*task) for task in tasks]
+    # Workers must not inherit Ray or torch thread state: start them fresh.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        return list(pool.map(_run_quietly, *zip(*tasks)))
 
 
 def best_settings(tuning: list[dict], methods: list[str]) -> dict[str, dict]:

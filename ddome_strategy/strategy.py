@@ -65,6 +65,13 @@ class _RoundTraffic:
     picks: list[int] = field(default_factory=list)
 
 
+def evaluates(server_round: int, num_rounds: int, every: int, last: int = 0) -> bool:
+    """Whether ``server_round`` is an evaluation round: every ``every`` rounds, every round
+    of the last ``last`` rounds (reported figures are means over the last evaluations),
+    and always the final round."""
+    return server_round % every == 0 or server_round > num_rounds - last or server_round == num_rounds
+
+
 def _array_bytes(content: RecordDict) -> int:
     return sum(r.count_bytes() for r in content.array_records.values())
 
@@ -142,6 +149,8 @@ class DDOME(Strategy):
         settings the ClientApp needs).
     eval_every : int (default: 5)
         Evaluate every this many rounds, and always at the last round.
+    eval_last : int (default: 0)
+        Also evaluate every round of the last ``eval_last`` rounds.
     eval_train_clients : bool (default: True)
         Also evaluate training clients (zero-shot routing on their held-out data).
     min_train_replies : int (default: 1)
@@ -168,6 +177,7 @@ class DDOME(Strategy):
         common_expert: ArrayRecord | None = None,
         client_config: Mapping[str, object] | None = None,
         eval_every: int = 5,
+        eval_last: int = 0,
         eval_train_clients: bool = True,
         min_train_replies: int = 1,
         min_nodes: int = 1,
@@ -185,6 +195,7 @@ class DDOME(Strategy):
         self.common_expert = common_expert
         self.client_config = dict(client_config or {})
         self.eval_every = eval_every
+        self.eval_last = eval_last
         self.eval_train_clients = eval_train_clients
         self.min_train_replies = min_train_replies
         self.min_nodes = min_nodes
@@ -518,8 +529,8 @@ class DDOME(Strategy):
         Parameters
         ----------
         server_round : int
-            The current round; evaluation runs every ``eval_every`` rounds and at the
-            last one.
+            The current round; evaluation runs every ``eval_every`` rounds, every
+            round of the last ``eval_last`` and at the last one.
         arrays : ArrayRecord
             The global gate and experts.
         config : ConfigRecord
@@ -533,7 +544,7 @@ class DDOME(Strategy):
             One message per routed client with the gate and its top-K experts.
         """
         server_round += self.round_offset
-        if server_round % self.eval_every and server_round != self.num_rounds:
+        if not evaluates(server_round, self.num_rounds, self.eval_every, self.eval_last):
             return []
         self.arrays = arrays
         self.discover_clients(grid)

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "batch-size": 32,
     "local-epochs": 1,
     "eval-every": 5,
+    "eval-last-rounds": 0,
     "eval-train-clients": True,
     "min-train-replies": 1,
     "round-timeout": 600.0,
@@ -158,6 +159,7 @@ def validate(cfg: dict[str, Any]) -> None:
         (cfg["num-test-clients"] >= 1, "num-test-clients must be at least 1"),
         (cfg["num-server-rounds"] >= 1, "num-server-rounds must be at least 1"),
         (cfg["eval-every"] >= 1, "eval-every must be at least 1"),
+        (cfg["eval-last-rounds"] >= 0, "eval-last-rounds must be non-negative"),
         (0 < cfg["common-expert-target-acc"] <= 1, "common-expert-target-acc must be in (0, 1]"),
         (0 < cfg["public-fraction"] < 1, "public-fraction must be in (0, 1)"),
         (

@@ -21,8 +21,9 @@ def benchmark_run(tmp_path_factory):
             "--config-file",
             "configs/digits-tiny.yaml",
             "--run-config",
-            "num-server-rounds=4",
+            "num-server-rounds=5",
             "eval-every=2",
+            "eval-last-rounds=2",
             f"cache-dir={cache}",
             "--out",
             str(out),
@@ -40,9 +41,10 @@ def test_every_method_runs_and_reports(benchmark_run):
         assert r["zero-shot-acc"] > 0.3, method  # well above chance on 4-label clients
         assert r["train-clients-acc"] is not None, method
     assert results["common-expert"]["bytes-per-round"] == 0
-    # Curves have one point per evaluation round (2 and 4) for trained methods.
-    assert [h["round"] for h in results["fedavg"]["history"]] == [2, 4]
-    assert [h["round"] for h in results["ddome"]["history"]] == [2, 4]
+    # Curves have one point per evaluation round for trained methods: every eval-every
+    # rounds (2, 4) and every one of the last eval-last-rounds (4, 5).
+    assert [h["round"] for h in results["fedavg"]["history"]] == [2, 4, 5]
+    assert [h["round"] for h in results["ddome"]["history"]] == [2, 4, 5]
 
 
 def test_table_and_plots_are_written_and_parseable(benchmark_run):
@@ -137,8 +139,9 @@ def test_simulation_engine_gives_the_in_process_result(benchmark_run, tmp_path):
             "--config-file",
             "configs/digits-tiny.yaml",
             "--run-config",
-            "num-server-rounds=4",
+            "num-server-rounds=5",
             "eval-every=2",
+            "eval-last-rounds=2",
             f"cache-dir={report['config']['cache-dir']}",
             "--out",
             str(out),
@@ -239,6 +242,8 @@ def test_tuning_chooses_on_the_validation_split_and_reports_best_and_spec(tmp_pa
     main(
         [
             "--tune",
+            "--jobs",
+            "2",
             "--methods",
             "ddome,fedprox,common-expert",
             "--config-file",

@@ -274,3 +274,11 @@ def test_aggregates_are_bit_identical_whatever_the_reply_order(fake_grid_class, 
     for key in ("train-loss", "anchor-routing-acc"):
         assert train_metrics[key] == other_train[key], key
     assert dict(eval_metrics) == dict(other_eval)
+
+
+def test_evaluation_rounds_every_n_the_last_ones_and_the_final_round():
+    from ddome_strategy.strategy import evaluates
+
+    assert [r for r in range(1, 41) if evaluates(r, 40, 5)] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r for r in range(1, 41) if evaluates(r, 40, 5, last=4)] == [5, 10, 15, 20, 25, 30, 35, 37, 38, 39, 40]
+    assert [r for r in range(1, 8) if evaluates(r, 7, 5)] == [5, 7]
