@@ -204,6 +204,7 @@ class DDOME(Strategy):
         self.rng = np.random.default_rng(seed)
         self.num_rounds = 0
         self.round_offset = 0
+        self.started = time.monotonic()
         self.clients: dict[int, _Client] = {}
         self.has_common_expert: set[int] = set()
         self.arrays = ArrayRecord()
@@ -240,6 +241,7 @@ class DDOME(Strategy):
         counts from 1.
         """
         self.round_offset = first_round - 1
+        self.started = time.monotonic()
         self.num_rounds = num_rounds
         self.arrays = initial_arrays
         evaluate_fn = kwargs.pop("evaluate_fn", None)
@@ -249,6 +251,12 @@ class DDOME(Strategy):
         if isinstance(getattr(grid, "pull_interval", None), float) and grid.pull_interval > POLL_INTERVAL:
             grid.pull_interval = POLL_INTERVAL  # 20% less time per simulated round, docs/performance.md
         return super().start(grid, initial_arrays, num_rounds - self.round_offset, **kwargs)
+
+    def _eta(self, server_round: int) -> str:
+        """Seconds per round so far and the time the remaining rounds will take at that pace."""
+        per_round = (time.monotonic() - self.started) / max(1, server_round - self.round_offset)
+        left = round(per_round * (self.num_rounds - server_round))
+        return f"{per_round:.1f} s/round, ETA {left // 60}m{left % 60:02d}s"
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this strategy exactly.
@@ -508,13 +516,14 @@ class DDOME(Strategy):
             new_arrays = self.arrays = aggregate_moe(self.arrays, updates)
         log(
             INFO,
-            "round %d/%d | train loss %.4f | anchor routing acc %.3f | %.2f MB sent | normal clients picked experts %s",
+            "round %d/%d | train loss %.4f | anchor routing acc %.3f | %.2f MB | experts picked %s | %s",
             server_round,
             self.num_rounds,
             metrics["train-loss"],
             metrics["anchor-routing-acc"],
             metrics["bytes-total"] / 1e6,
             metrics["expert-picks"],
+            self._eta(server_round),
         )
         if self.on_metrics:
             self.on_metrics(server_round, "train", metrics, self.arrays)

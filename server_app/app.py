@@ -21,6 +21,7 @@ from ddome_strategy.common_expert import load_or_pretrain
 from ddome_strategy.models import build_gate, build_model
 from server_app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server_app.config import ConfigError, client_config, resolve
+from server_app.logs import quiet_flower_rounds
 from server_app.plots import write_plots
 from server_app.results import RunWriter
 
@@ -182,14 +183,15 @@ def run_ddome(grid: Grid, run_config: dict, explicit: dict | None = None) -> dic
     if torch_rng is not None:
         torch.set_rng_state(torch_rng)
     if done < cfg["num-server-rounds"]:
-        strategy.start(
-            grid,
-            strategy.arrays,
-            num_rounds=cfg["num-server-rounds"],
-            first_round=done + 1,
-            timeout=cfg["round-timeout"],
-            evaluate_fn=checkpoint,
-        )
+        with quiet_flower_rounds(not cfg["verbose"]):
+            strategy.start(
+                grid,
+                strategy.arrays,
+                num_rounds=cfg["num-server-rounds"],
+                first_round=done + 1,
+                timeout=cfg["round-timeout"],
+                evaluate_fn=checkpoint,
+            )
     writer.save_arrays("moe", strategy.arrays)
     plots = write_plots(writer.path, writer.history, strategy.last_routing)
     return print_summary(writer, common_accuracy, time.perf_counter() - started, plots)
@@ -204,6 +206,7 @@ RESUMABLE_CHANGES = {
     "cache-dir",
     "config-file",
     "data-root",
+    "verbose",
 }
 
 

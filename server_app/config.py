@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "output-dir": "outputs",
     "cache-dir": "~/.cache/ddome",
     "resume": "",
+    "verbose": False,
 }
 
 EXPERT_INITS = ("common", "random")
