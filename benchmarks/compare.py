@@ -191,12 +191,11 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
             train_bytes.append(metrics["bytes-total"])
             progress(f"{method}: round {server_round}/{rounds} loss {metrics['train-loss']:.3f}")
         else:
-            row = {
-                f"{g}/zero-shot-acc": metrics[f"{g}/{score}"] for g in ("test", "train") if f"{g}/{score}" in metrics
-            }
-            # Both of a MoE's predictions, whichever is its score: top-1 of K and the mixture.
-            row.update({k: v for k, v in metrics.items() if k.endswith(("/mixture-acc", "/routing-error"))})
-            row["top1-of-k"] = metrics.get("test/zero-shot-acc")
+            # Every prediction rule's accuracy (top-1 of K, mixture, fallback), whichever is the score.
+            row = {k: v for k, v in metrics.items() if k.endswith(("-acc", "/routing-error")) and "/common" not in k}
+            row.update(
+                {f"{g}/zero-shot-acc": metrics[f"{g}/{score}"] for g in ("test", "train") if f"{g}/{score}" in metrics}
+            )
             history.append({"round": server_round, **row})
 
     strategy = None

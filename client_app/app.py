@@ -45,7 +45,7 @@ def _local(message: Message, context: Context):
             {
                 "train": embed(common, data.train_x),
                 "eval": embed(common, data.eval_x),
-                "common-expert-pred": predict(common, data.eval_x).argmax(1),
+                "common-expert-logits": predict(common, data.eval_x),
             }
         )
     if EMBEDDINGS not in context.state:
@@ -104,5 +104,6 @@ def evaluate(message: Message, context: Context) -> Message:
         return baselines.evaluate(message, context)
     cfg, data, cached = _local(message, context)
     gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
-    metrics = evaluate_zero_shot(gate, experts, data, cached["eval"], cached["common-expert-pred"])
+    rule = str(cfg.get("zero-shot-rule", "top1"))
+    metrics = evaluate_zero_shot(gate, experts, data, cached["eval"], cached["common-expert-logits"], rule)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -14,7 +14,14 @@ from torch import nn
 from data.settings import load_partitioned, partition_settings
 from ddome_strategy.arrays import GATE_PREFIX, load_part
 from ddome_strategy.models import Classifier, build_gate, build_model, pick_device
-from ddome_strategy.moe import anchor_loss, mixture_loss, routing_error, zero_shot_predictions
+from ddome_strategy.moe import (
+    ZERO_SHOT_RULES,
+    anchor_loss,
+    fallback_predictions,
+    mixture_loss,
+    routing_error,
+    zero_shot_predictions,
+)
 
 if "OMP_NUM_THREADS" not in os.environ:
     # Simulated clients share the machine's cores, and small models run fastest on one
@@ -50,7 +57,9 @@ def _local_data(dataset_name: str, data_root: str, settings: tuple, partition_id
         else torch.zeros(0, dtype=torch.long)
     )
     eval_idx = torch.as_tensor(plan.eval_indices[partition_id], dtype=torch.long)
-    eval_x, eval_y = (dataset.train_x, dataset.train_y) if plan.eval_split == "train" else (dataset.test_x, dataset.test_y)
+    eval_x, eval_y = (
+        (dataset.train_x, dataset.train_y) if plan.eval_split == "train" else (dataset.test_x, dataset.test_y)
+    )
     label_to_expert = {label: expert for expert in range(plan.num_experts) for label in plan.client_labels[expert]}
     return LocalData(
         dataset.train_x[train_idx],
@@ -176,18 +185,27 @@ def evaluate_zero_shot(
     experts: dict[int, nn.Module],
     data: LocalData,
     embeddings: torch.Tensor,
-    common_expert_pred: torch.Tensor,
+    common_expert_logits: torch.Tensor,
+    rule: str = "top1",
 ) -> dict[str, float]:
-    """Zero-shot metrics of the K received experts on the local evaluation data."""
+    """Zero-shot metrics of the K received experts on the local evaluation data.
+
+    ``zero-shot-acc`` is the accuracy of ``rule`` (one of ``ZERO_SHOT_RULES``); every
+    rule's accuracy is reported too, as ``<rule>-acc``.
+    """
     selected = list(experts)
     gate_probs = torch.softmax(predict(gate, embeddings), dim=1)
     expert_logits = torch.stack([predict(experts[e], data.eval_x) for e in selected], dim=1)
     top1, mixture = zero_shot_predictions(gate_probs, expert_logits, selected)
+    fallback = fallback_predictions(gate_probs, expert_logits, selected, common_expert_logits)
     y = data.eval_y
+    accuracy = {
+        name: float((pred == y).float().mean()) for name, pred in zip(ZERO_SHOT_RULES, (top1, mixture, fallback))
+    }
     return {
-        "zero-shot-acc": float((top1 == y).float().mean()),
-        "mixture-acc": float((mixture == y).float().mean()),
-        "common-expert-acc": float((common_expert_pred == y).float().mean()),
+        "zero-shot-acc": accuracy[rule],
+        **{f"{name}-acc": acc for name, acc in accuracy.items()},
+        "common-expert-acc": float((common_expert_logits.argmax(1) == y).float().mean()),
         "routing-error": routing_error(gate_probs, y, data.label_to_expert),
         "num-examples": len(y),
     }

@@ -11,6 +11,9 @@ import numpy as np
 
 PARTITION_MODES = ("grouped", "free", "dirichlet")
 EVALUATION_SPLITS = ("test", "validation")
+# Dirichlet mode's anchors: "literal" (the spec: a Dirichlet mix like every client) or
+# "group" (each anchor holds its own label group, so the anchors still define experts).
+DIRICHLET_ANCHORS = ("literal", "group")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ def make_partition(
     labels_per_client: int,
     mode: str = "grouped",
     dirichlet_alpha: float = 0.1,
+    dirichlet_anchors: str = "literal",
     samples_per_client: int = 300,
     eval_samples_per_client: int = 200,
     public_fraction: float = 0.1,
@@ -151,6 +155,11 @@ def make_partition(
         every training client's label mix drawn from Dir(``dirichlet_alpha``).
     dirichlet_alpha : float (default: 0.1)
         Concentration of the Dirichlet mode.
+    dirichlet_anchors : str (default: "literal")
+        Dirichlet mode's anchors: "literal" draws their mix like every other client's
+        (the spec: "anchors included", so their labels overlap); "group" gives each
+        anchor its own label group, evenly, as in grouped mode, and only the normal
+        clients are Dirichlet.
     samples_per_client : int (default: 300)
         Training samples per training client, drawn from its labels; a sample may be
         dealt to several clients, never twice to one.
@@ -203,6 +212,10 @@ def make_partition(
     _check(samples_per_client >= 1, "samples-per-client must be at least 1.")
     _check(eval_samples_per_client >= 0, "eval-samples-per-client must be non-negative.")
     _check(dirichlet_alpha > 0, f"dirichlet-alpha={dirichlet_alpha} must be positive.")
+    _check(
+        dirichlet_anchors in DIRICHLET_ANCHORS,
+        f"dirichlet-anchors {dirichlet_anchors!r} is not one of {', '.join(DIRICHLET_ANCHORS)}.",
+    )
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     for split, labels in (("train", train_labels), ("test", test_labels)):
         _check(
@@ -253,10 +266,13 @@ def make_partition(
 
     train_indices, client_labels = [], []
     if mode == "dirichlet":
-        for _ in range(num_train_clients):
-            share = rng.dirichlet(np.full(num_classes, dirichlet_alpha))
-            counts = rng.multinomial(samples_per_client, share)
-            idx = _draw(train_pools, dict(enumerate(counts.tolist())), rng)
+        for pid in range(num_train_clients):
+            if pid < num_experts and dirichlet_anchors == "group":
+                idx = _draw(train_pools, _even_counts(groups[pid], samples_per_client), rng)
+            else:
+                share = rng.dirichlet(np.full(num_classes, dirichlet_alpha))
+                counts = rng.multinomial(samples_per_client, share)
+                idx = _draw(train_pools, dict(enumerate(counts.tolist())), rng)
             train_indices.append(idx)
             client_labels.append(tuple(sorted(set(train_labels[idx].tolist()))))
     else:

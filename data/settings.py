@@ -18,6 +18,7 @@ def partition_settings(cfg: Mapping) -> dict:
         "labels_per_client": int(cfg["labels-per-client"]),
         "mode": str(cfg["partition-mode"]),
         "dirichlet_alpha": float(cfg["dirichlet-alpha"]),
+        "dirichlet_anchors": str(cfg["dirichlet-anchors"]),
         "samples_per_client": int(cfg["samples-per-client"]),
         "eval_samples_per_client": int(cfg["eval-samples-per-client"]),
         "public_fraction": float(cfg["public-fraction"]),

@@ -6,6 +6,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# How a new client predicts from the experts it was sent: the spec's top-1 of K, the
+# gate-weighted mixture of the K, or that mixture with the common expert standing in for
+# the experts it was not sent (see ``fallback_predictions``).
+ZERO_SHOT_RULES = ("top1", "mixture", "fallback")
+
 
 def mixture_log_probs(gate_logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the gated mixture of the selected experts.
@@ -57,6 +62,18 @@ def top_k_experts(scores: np.ndarray, k: int) -> list[int]:
     return [int(i) for i in order[:k]]
 
 
+def adaptive_experts(scores: np.ndarray, k_max: int, k_min: int, mass: float) -> list[int]:
+    """The fewest best-scored experts whose gate mass reaches ``mass``, between ``k_min``
+    and ``k_max`` (adaptive dispatch: a client whose data spans three anchor groups gets
+    three experts, one that spans two gets two); ``mass <= 0`` is plain top-``k_max``."""
+    ranked = top_k_experts(scores, k_max)
+    if mass <= 0:
+        return ranked
+    cumulative = np.cumsum(np.asarray(scores, dtype=np.float64)[ranked])
+    needed = int(np.searchsorted(cumulative, mass - 1e-12)) + 1
+    return ranked[: min(k_max, max(k_min, needed))]
+
+
 def zero_shot_predictions(
     gate_probs: torch.Tensor, expert_logits: torch.Tensor, selected: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +99,22 @@ def zero_shot_predictions(
     top1 = expert_logits[torch.arange(len(best)), best].argmax(dim=1)
     mixture = mixture_log_probs(selected_logits, expert_logits).argmax(dim=1)
     return top1, mixture
+
+
+def fallback_predictions(
+    gate_probs: torch.Tensor, expert_logits: torch.Tensor, selected: list[int], common_logits: torch.Tensor
+) -> torch.Tensor:
+    """Predictions of the selected experts with the common expert standing in for the rest.
+
+    ``p(y|x) = sum_{k in selected} g_k(x) p_k(y|x) + (1 - sum_{k in selected} g_k(x)) p_c(y|x)``:
+    the gate's mass on the experts the client was not sent goes to the common expert,
+    which every client already holds (no bytes). A sample whose label belongs to no sent
+    expert's group is then predicted by the common expert rather than by a stranger.
+    """
+    weights = gate_probs[:, selected]
+    mixed = (weights.unsqueeze(2) * torch.softmax(expert_logits, dim=2)).sum(1)
+    rest = (1 - weights.sum(1, keepdim=True)).clamp_min(0)
+    return (mixed + rest * torch.softmax(common_logits, dim=1)).argmax(dim=1)
 
 
 def routing_error(gate_probs: torch.Tensor, labels: torch.Tensor, label_to_expert: dict[int, int]) -> float:

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from .aggregation import aggregate_moe, check_update
 from .arrays import experts_in, moe_prefixes, select
-from .moe import top_k_experts
+from .moe import adaptive_experts
 
 # Names of the records and config entries exchanged with the ClientApp.
 ARRAYS = "arrays"
@@ -136,7 +136,13 @@ class DDOME(Strategy):
         :func:`layout_roles`. Roles are learned from the clients with a query, so node
         ids may be arbitrary (as in a real deployment).
     top_k : int (default: 2)
-        Experts sent to each normal or evaluated client.
+        Experts sent to each normal or evaluated client (at most, with ``dispatch_mass``).
+    min_top_k : int (default: 1)
+        With ``dispatch_mass``: the fewest experts a client is sent.
+    dispatch_mass : float (default: 0.0)
+        Adaptive dispatch: send each client the fewest of its best-scored experts whose
+        mean gate mass reaches this, between ``min_top_k`` and ``top_k``; 0 sends
+        exactly ``top_k``.
     anchors_per_round : int (default: 5)
         Anchor clients sampled per round (without replacement).
     normal_per_round : int (default: 5)
@@ -172,6 +178,8 @@ class DDOME(Strategy):
         role_of: RoleOf,
         *,
         top_k: int = 2,
+        min_top_k: int = 1,
+        dispatch_mass: float = 0.0,
         anchors_per_round: int = 5,
         normal_per_round: int = 5,
         common_expert: ArrayRecord | None = None,
@@ -190,6 +198,8 @@ class DDOME(Strategy):
         self.num_experts = num_experts
         self.role_of = role_of
         self.top_k = top_k
+        self.min_top_k = min_top_k
+        self.dispatch_mass = dispatch_mass
         self.anchors_per_round = anchors_per_round
         self.normal_per_round = normal_per_round
         self.common_expert = common_expert
@@ -386,7 +396,7 @@ class DDOME(Strategy):
             if isinstance(scores, str):
                 log(WARNING, "routing: node %s sent invalid gate scores (%s); it is left out", node, scores)
                 continue
-            chosen[node] = top_k_experts(scores, self.top_k)
+            chosen[node] = adaptive_experts(scores, self.top_k, self.min_top_k, self.dispatch_mass)
             self.scores[node] = scores.tolist()
         return chosen
 

@@ -20,7 +20,7 @@ echo "== Python environment in .venv"
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch first, pinned to a pair that installs offline from the package index here
-# (any torch >= 2.4 with its matching torchvision works; see docs/install.md).
+# (any torch >= 2.4 with its matching torchvision works).
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/pip install -q -e ".[test]"
 echo "== installed: run the tests with .venv/bin/python -m pytest -q"

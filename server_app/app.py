@@ -63,6 +63,8 @@ def build_strategy(cfg: dict, common, on_metrics=None, cls: type[DDOME] = DDOME,
     constructor arguments."""
     options = dict(
         top_k=cfg["top-k"],
+        min_top_k=cfg["top-k-min"],
+        dispatch_mass=cfg["dispatch-mass"],
         anchors_per_round=cfg["anchors-per-round"],
         normal_per_round=cfg["normal-per-round"],
         common_expert=ArrayRecord(common.state_dict()),

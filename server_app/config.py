@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from data import DATASETS, EVALUATION_SPLITS, PARTITION_MODES
+from data import DATASETS, DIRICHLET_ANCHORS, EVALUATION_SPLITS, PARTITION_MODES
 from ddome_strategy.models import ARCHITECTURES
+from ddome_strategy.moe import ZERO_SHOT_RULES
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -27,10 +28,14 @@ DEFAULTS: dict[str, Any] = {
     "partition-mode": "grouped",
     "num-experts": 5,
     "top-k": 2,
+    "top-k-min": 1,
+    "dispatch-mass": 0.0,
+    "zero-shot-rule": "top1",
     "num-train-clients": 20,
     "num-test-clients": 5,
     "labels-per-client": 4,
     "dirichlet-alpha": 0.1,
+    "dirichlet-anchors": "literal",
     "samples-per-client": 500,
     "eval-samples-per-client": 200,
     "public-fraction": 0.1,
@@ -133,6 +138,8 @@ def validate(cfg: dict[str, Any]) -> None:
         "partition-mode": PARTITION_MODES,
         "experts-init": EXPERT_INITS,
         "evaluation-split": EVALUATION_SPLITS,
+        "zero-shot-rule": ZERO_SHOT_RULES,
+        "dirichlet-anchors": DIRICHLET_ANCHORS,
     }
     for key, valid in choices.items():
         if cfg[key] not in valid:
@@ -141,6 +148,8 @@ def validate(cfg: dict[str, Any]) -> None:
     checks = [
         (m >= 1, "num-experts must be at least 1"),
         (1 <= cfg["top-k"] <= m, f"top-k={cfg['top-k']} must be between 1 and num-experts={m}"),
+        (1 <= cfg["top-k-min"] <= cfg["top-k"], f"top-k-min={cfg['top-k-min']} must be between 1 and top-k"),
+        (0 <= cfg["dispatch-mass"] <= 1, "dispatch-mass must be in [0, 1] (0: always top-k experts)"),
         (
             cfg["num-train-clients"] >= m,
             f"num-train-clients={cfg['num-train-clients']} must be at least num-experts={m} (one anchor per expert)",
@@ -203,6 +212,8 @@ def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "public-fraction",
         "validation-fraction",
         "evaluation-split",
+        "dirichlet-anchors",
+        "zero-shot-rule",
         "arch",
         "mlp-hidden",
         "gate-hidden",

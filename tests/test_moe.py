@@ -70,3 +70,34 @@ def test_routing_error_counts_samples_sent_away_from_their_anchor_expert():
     labels = torch.tensor([0, 1, 1, 7])  # label 7 is in no anchor group: ignored
     assert routing_error(gate_probs, labels, {0: 0, 1: 1}) == pytest.approx(1 / 3)
     assert math.isnan(routing_error(gate_probs, torch.tensor([7, 7, 7, 7]), {0: 0}))
+
+
+def test_adaptive_dispatch_sends_the_fewest_experts_that_carry_the_gate_mass():
+    from ddome_strategy.moe import adaptive_experts
+
+    scores = np.array([0.05, 0.40, 0.30, 0.20, 0.05])
+    assert adaptive_experts(scores, 4, 1, 0.0) == [1, 2, 3, 0]  # off: plain top-K
+    assert adaptive_experts(scores, 4, 1, 0.35) == [1]
+    assert adaptive_experts(scores, 4, 1, 0.70) == [1, 2]
+    assert adaptive_experts(scores, 4, 1, 0.85) == [1, 2, 3]
+    assert adaptive_experts(scores, 2, 1, 0.85) == [1, 2]  # capped at K max
+    assert adaptive_experts(scores, 4, 2, 0.35) == [1, 2]  # at least K min
+    assert adaptive_experts(scores, 5, 1, 1.0) == [1, 2, 3, 0, 4]
+
+
+def test_fallback_gives_the_unsent_experts_mass_to_the_common_expert():
+    from ddome_strategy.moe import fallback_predictions
+
+    expert_logits = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]] * 3)  # experts 0, 2 say 0 and 1
+    common_logits = torch.tensor([[0.0, 0.0, 5.0]] * 3)  # the common expert says 2
+    gate = torch.tensor(
+        [
+            [0.9, 0.05, 0.05],  # mass on the sent experts: they decide
+            [0.1, 0.8, 0.1],  # mass on expert 1, which was not sent: the common expert decides
+            [0.05, 0.05, 0.9],
+        ]
+    )
+    assert fallback_predictions(gate, expert_logits, [0, 2], common_logits).tolist() == [0, 2, 1]
+    # The spec's top-1 of K picks a sent expert even where the gate has little mass on it.
+    top1, _ = zero_shot_predictions(gate, expert_logits, [0, 2])
+    assert top1.tolist() == [0, 0, 1]

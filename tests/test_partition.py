@@ -216,3 +216,22 @@ def test_dirichlet_raises_when_every_label_set_is_within_a_training_client():
     # A training client holding all ten labels has seen every combination.
     with pytest.raises(ValueError, match="num-test-clients"):
         plan(mode="dirichlet", dirichlet_alpha=1000.0, labels_per_client=3, num_train_clients=6, num_test_clients=1)
+
+
+def test_dirichlet_group_anchors_hold_their_own_group_and_normal_clients_stay_dirichlet():
+    literal = plan(mode="dirichlet", dirichlet_alpha=0.1)
+    grouped = plan(mode="dirichlet", dirichlet_alpha=0.1, dirichlet_anchors="group")
+    groups = anchor_groups(grouped)
+    for i, group in enumerate(groups):
+        labels = TRAIN[grouped.train_indices[i]]
+        # The anchor's samples are its group's labels only, evenly dealt: it defines expert i.
+        assert set(labels.tolist()) == group
+        assert max(np.bincount(labels)[list(group)]) - min(np.bincount(labels)[list(group)]) <= 1
+    assert sum(len(g) for g in groups) == len(set().union(*groups))  # still disjoint
+    # Normal clients stay Dirichlet-skewed (a dominant label), and the literal reading is kept.
+    top_shares = [
+        np.bincount(TRAIN[grouped.train_indices[pid]], minlength=CLASSES).max() / len(grouped.train_indices[pid])
+        for pid in range(grouped.num_experts, grouped.num_train_clients)
+    ]
+    assert np.mean(top_shares) > 0.5  # Dir(0.1) over 10 labels; 4 even labels would give 0.25
+    assert any(len(literal.client_labels[i]) != 2 for i in range(literal.num_experts))

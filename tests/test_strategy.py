@@ -282,3 +282,30 @@ def test_evaluation_rounds_every_n_the_last_ones_and_the_final_round():
     assert [r for r in range(1, 41) if evaluates(r, 40, 5)] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert [r for r in range(1, 41) if evaluates(r, 40, 5, last=4)] == [5, 10, 15, 20, 25, 30, 35, 37, 38, 39, 40]
     assert [r for r in range(1, 8) if evaluates(r, 7, 5)] == [5, 7]
+
+
+def test_adaptive_dispatch_sends_each_client_the_experts_its_mass_needs_and_counts_their_bytes(fake_grid_class):
+    from ddome_strategy.arrays import select
+
+    # Normal clients 4..7: one concentrated on expert 1, one spread over three experts.
+    scores_of = {
+        4: [0.05, 0.9, 0.03, 0.02],
+        5: [0.3, 0.3, 0.3, 0.1],
+        6: [0.5, 0.45, 0.03, 0.02],
+        7: [0.97, 0.01, 0.01, 0.01],
+    }
+    grid, clients = make_federation(fake_grid_class, range(100, 110), scores_of)
+    strategy = make_strategy(top_k=3, min_top_k=1, dispatch_mass=0.8, anchors_per_round=0, normal_per_round=4)
+    strategy.arrays = global_arrays()
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+    sent = {clients[m.metadata.dst_node_id].partition_id: m for m in messages}
+    assert {pid: experts_in(m.content[ARRAYS]) for pid, m in sent.items()} == {
+        4: [1],
+        5: [0, 1, 2],
+        6: [0, 1],
+        7: [0],
+    }
+    down = sum(r.count_bytes() for m in messages for r in m.content.array_records.values())
+    gate = select(global_arrays(), ["gate."])
+    routing = 4 * gate.count_bytes() + ArrayRecord({"w": Array(np.ones(1, np.float32))}).count_bytes() * 4
+    assert strategy.traffic.down == down + routing
