@@ -388,11 +388,16 @@ def run_seeds(args, methods: list[str], seeds: list[int], settings: dict[str, li
         for method in methods
         for setting in settings[method]
     ]
-    if args.jobs <= 1:
+    return run_tasks(tasks, args.jobs)
+
+
+def run_tasks(tasks: list[tuple], jobs: int) -> list[dict]:
+    """``run_one(*task)`` for every task, in ``jobs`` processes; results in task order."""
+    if jobs <= 1:
         return [run_one(*task) for task in tasks]
     # Workers must not inherit Ray or torch thread state: start them fresh.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
         return list(pool.map(_run_quietly, *zip(*tasks)))
 
 

@@ -1,0 +1,144 @@
+"""Every method on every setting: where DDOME helps and where it does not.
+
+    python -m benchmarks.matrix --seeds 0,1,2 --jobs 2 --settings-from docs/img/fair-grouped/results.json
+
+Settings (columns): Fashion-MNIST grouped (the paper's reading), Dirichlet 0.1 and 0.5,
+free label sets (4 labels per client), and scikit-learn's digits grouped (an easy dataset
+where every method saturates). Every setting runs at the same round budget (the CPU
+preset's 40, or ``--rounds``), the same seeds, and every method at one setting for all
+columns: its best point from a ``benchmarks.compare --tune`` run (``--settings-from``), so
+no baseline is weakened and DDOME is not tuned per column. Writes ``matrix.md`` (a row per
+method, a column per setting: mean of the last 5 evaluations over the seeds, ± the spread;
+then MB per round and wall time) and ``results.json`` with every run's per-seed figures
+and curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.compare import METHODS, run_tasks
+from benchmarks.compare import parse_args as compare_args
+from benchmarks.report import NAMES
+
+# Column name -> (preset, run-config overrides).
+SETTINGS = {
+    "FMNIST grouped": ("", []),
+    "FMNIST Dirichlet 0.1": ("", ["partition-mode=dirichlet", "dirichlet-alpha=0.1"]),
+    "FMNIST Dirichlet 0.5": ("", ["partition-mode=dirichlet", "dirichlet-alpha=0.5"]),
+    "FMNIST free (4 labels)": ("", ["partition-mode=free"]),
+    "digits grouped": ("configs/digits-tiny.yaml", []),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated columns to run")
+    parser.add_argument("--rounds", type=int, default=40, help="round budget of every setting")
+    parser.add_argument("--run-config", nargs="*", default=[], help="overrides for every setting (e.g. DDOME options)")
+    parser.add_argument(
+        "--settings-from",
+        default="",
+        help="results.json of a benchmarks.compare --tune run: each method's chosen setting (default: the config's)",
+    )
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", default="")
+    return parser.parse_args(argv)
+
+
+def chosen_settings(path: str) -> dict[str, dict]:
+    """Each method's setting chosen on the validation split by a ``--tune`` run."""
+    if not path:
+        return {}
+    results = json.loads(Path(path).read_text())["results"]
+    return {r["method"]: r["setting"] for r in results if r["kind"] == "best"}
+
+
+def matrix_table(results: list[dict], columns: list[str]) -> str:
+    """A row per method, a column per setting: mean ± spread over seeds of the mean of the
+    last 5 evaluations; then each setting's MB per round, and the total wall time."""
+    cells = defaultdict(list)
+    for r in results:
+        cells[(r["method"], r["column"])].append(r)
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    header = "| method | " + " | ".join(columns) + " | MB per round (" + ", ".join(columns) + ") | wall time (s) |"
+    lines = [header, "|---" * (len(columns) + 3) + "|"]
+    for method in methods:
+        accs, mbs = [], []
+        for column in columns:
+            runs = cells[(method, column)]
+            values = [100 * r["zero-shot-acc"] for r in runs]
+            accs.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}" if runs else "n/a")
+            mbs.append(f"{np.mean([r['bytes-per-round'] for r in runs]) / 1e6:.2f}" if runs else "n/a")
+        wall = sum(r["wall-seconds"] for column in columns for r in cells[(method, column)])
+        lines.append(f"| {NAMES[method]} | " + " | ".join(accs) + f" | {', '.join(mbs)} | {wall:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_seed_table(results: list[dict], columns: list[str]) -> str:
+    """Per seed figures: ``seed: accuracy`` for every method and setting."""
+    lines = ["| method | setting | per seed (mean of last 5 evals, %) | setting used |", "|---|---|---|---|"]
+    by_cell = defaultdict(list)
+    for r in results:
+        by_cell[(r["method"], r["column"])].append(r)
+    for (method, column), runs in by_cell.items():
+        seeds = ", ".join(f"{r['seed']}: {100 * r['zero-shot-acc']:.2f}" for r in runs)
+        used = ", ".join(f"{k} {v:g}" for k, v in runs[0]["trained-with"].items()) or "-"
+        lines.append(f"| {NAMES[method]} | {column} | {seeds} | {used} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> Path:
+    """Run the matrix; write matrix.md and results.json."""
+    args = parse_args(argv)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    columns = [c.strip() for c in args.settings.split(",") if c.strip()]
+    unknown = sorted(set(columns) - set(SETTINGS))
+    if unknown:
+        raise SystemExit(f"Unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}.")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = chosen_settings(args.settings_from)
+    out = Path(args.out or f"outputs/matrix-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    tasks, columns_of = [], []
+    for column in columns:
+        preset, overrides = SETTINGS[column]
+        run_config = [*overrides, f"num-server-rounds={args.rounds}", *args.run_config]
+        setting_args = compare_args(["--config-file", preset, "--run-config", *run_config])
+        for seed in seeds:
+            for method in methods:
+                tasks.append((setting_args, seed, method, chosen.get(method, {}), "test", column))
+                columns_of.append(column)
+    started = time.perf_counter()
+    results = run_tasks(tasks, args.jobs)
+    for result, column in zip(results, columns_of):
+        result["column"] = column
+    command = " ".join(["python -m benchmarks.matrix", *(argv if argv is not None else sys.argv[1:])])
+    minutes = (time.perf_counter() - started) / 60
+    text = (
+        f"Command: `{command}` ({minutes:.1f} min, {args.jobs} parallel runs)\n\n"
+        f"Zero-shot accuracy on unseen clients (%), mean of the last 5 evaluations, mean ± spread over "
+        f"seeds {args.seeds}, {args.rounds} rounds:\n\n"
+        + matrix_table(results, columns)
+        + "\nPer seed:\n\n"
+        + per_seed_table(results, columns)
+    )
+    (out / "matrix.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    print(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()
