@@ -46,7 +46,9 @@ from benchmarks.report import routing_matrix, write_report
 from client_app import baselines
 from client_app.app import app as client_app
 from ddome_strategy.arrays import expert_prefix
-from ddome_strategy.strategy import CONFIG, DDOME, METRICS, NORMAL, TASK, TEST, evaluates, layout_roles
+from ddome_strategy.protocol import ARRAYS, CONFIG, METRICS, NodeSetup
+from ddome_strategy.roles import TEST, layout_roles, role_in_layout
+from ddome_strategy.strategy import DDOME, Exchange, Routing, evaluates
 from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid
@@ -67,8 +69,9 @@ BEST_OF = 10  # and the paper's best of the last 10
 
 
 class CountingGrid:
-    """Delegates to a grid; counts the array bytes of TRAIN messages and their replies,
-    and can hide nodes (baselines sample among the training clients only)."""
+    """Delegates to a grid; counts the array bytes of training messages (``train``,
+    ``train.single``) and their replies, and can hide nodes (baselines sample among the
+    training clients only)."""
 
     def __init__(self, grid, visible: Iterable[int] | None = None) -> None:
         self.grid = grid
@@ -88,7 +91,7 @@ class CountingGrid:
             key=lambda r: position.get(r.metadata.src_node_id, len(position)),
         )
         for m in [*messages, *replies]:
-            if m.metadata.message_type == MessageType.TRAIN and m.has_content():
+            if m.metadata.message_type.split(".")[0] == MessageType.TRAIN and m.has_content():
                 self.train_bytes += sum(r.count_bytes() for r in m.content.array_records.values())
         return replies
 
@@ -97,16 +100,53 @@ class RandomExpertEnsemble(DDOME):
     """Avg-Ensembles: every sampled client trains one expert drawn at random (K=1, so the
     gate gets no gradient and each expert is plain FedAvg on its clients)."""
 
-    def route(self, grid, clients, server_round):  # noqa: D102 - see DDOME.route
-        return {c.node_id: [int(self.rng.integers(self.num_experts))] for c in clients}
+    def route(self, grid, clients, server_round, arrays, phase="routing"):  # noqa: D102 - see DDOME.route
+        # The route phase without an exchange (nothing is sent, no bytes): a random expert each.
+        return Routing({c.node_id: [int(self.rng.integers(self.num_experts))] for c in clients}, {}, Exchange())
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+    def evaluation_clients(self, grid, server_round):  # noqa: D102 - see DDOME.evaluation_clients
         return []  # evaluated as an ensemble of all experts by the benchmark's evaluate_fn
 
 
-def _partition_roles(cfg) -> Callable[[int], tuple[str, int]]:
-    """Baselines have no anchors: every training client is a normal client."""
-    return lambda pid: (NORMAL, -1) if pid < cfg["num-train-clients"] else (TEST, -1)
+class _SingleModel:
+    """Flower's FedAvg/FedProx addressing the ClientApp's ``train.single`` and
+    ``evaluate.single`` actions, each node getting the client configuration (``setup``)
+    with its first message only, again after an error reply."""
+
+    setup: NodeSetup
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
+        return [
+            Message(
+                content=self.setup.attach(node, RecordDict(dict(record))),
+                dst_node_id=node,
+                message_type=f"{message_type}.single",
+            )
+            for node in node_ids
+        ]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                self.setup.forget(reply.metadata.src_node_id)
+        return super().aggregate_train(server_round, replies)
+
+
+class SingleFedAvg(_SingleModel, FedAvg):
+    """FedAvg on ``train.single`` (see :class:`_SingleModel`)."""
+
+    def __init__(self, setup: NodeSetup, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.setup = setup
+
+
+class SingleFedProx(_SingleModel, FedProx):
+    """FedProx on ``train.single`` (see :class:`_SingleModel`)."""
+
+    def __init__(self, setup: NodeSetup, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.setup = setup
 
 
 def discover_partitions(grid: Grid, cfg: dict) -> dict[int, int]:
@@ -116,11 +156,10 @@ def discover_partitions(grid: Grid, cfg: dict) -> dict[int, int]:
         cfg["num-experts"],
         layout_roles(cfg["num-experts"], cfg["num-train-clients"]),
         top_k=cfg["top-k"],
-        client_config=client_config(cfg),
         min_nodes=cfg["num-train-clients"] + cfg["num-test-clients"],
         timeout=cfg["round-timeout"],
     )
-    strategy.discover_clients(grid)
+    strategy.discover(grid)
     return {node: client.partition_id for node, client in strategy.clients.items()}
 
 
@@ -148,21 +187,41 @@ def summarise(history: list[dict], group: str = "test") -> dict[str, float | Non
     }
 
 
-def _evaluator(grid: Grid, partitions: dict[int, int], cfg: dict, task: str, every: int, last: int, history: list):
-    """An ``evaluate_fn`` that sends ``arrays`` to every client for ``task``."""
-    groups = {node: "test" if pid >= cfg["num-train-clients"] else "train" for node, pid in partitions.items()}
+def _evaluator(
+    grid: Grid,
+    partitions: dict[int, int],
+    cfg: dict,
+    message_type: str,
+    every: int,
+    last: int,
+    history: list,
+    setup: NodeSetup | None = None,
+):
+    """An ``evaluate_fn`` that sends ``arrays`` to every client as ``message_type``
+    (``evaluate.single`` or ``evaluate.ensemble``), with the client configuration
+    (``setup``) to the nodes that do not have it yet."""
+    layout = (cfg["num-experts"], cfg["num-train-clients"])
+    groups = {node: "test" if role_in_layout(pid, *layout)[0] == TEST else "train" for node, pid in partitions.items()}
     if not cfg["eval-train-clients"]:
         groups = {n: g for n, g in groups.items() if g == "test"}
-    config = ConfigRecord({**client_config(cfg), TASK: task})
+    setup = setup if setup is not None else NodeSetup(client_config(cfg))
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 or not evaluates(server_round, last, every, cfg["eval-last-rounds"]):
             return None
         messages = [
-            Message(RecordDict({"arrays": arrays, CONFIG: config}), dst_node_id=n, message_type=MessageType.EVALUATE)
+            Message(
+                setup.attach(n, RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})})),
+                dst_node_id=n,
+                message_type=message_type,
+            )
             for n in groups
         ]
-        metrics = _mean_by_group(list(grid.send_and_receive(messages)), groups)
+        replies = list(grid.send_and_receive(messages))
+        for reply in replies:
+            if reply.has_error():
+                setup.forget(reply.metadata.src_node_id)
+        metrics = _mean_by_group(replies, groups)
         history.append({"round": server_round, **metrics})
         return MetricRecord(metrics)
 
@@ -201,12 +260,14 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
     strategy = None
     if method in ("ddome", "fedmix", "avg-ensembles"):
         options = {}
+        # No anchors: every training client is a normal client.
+        no_anchors = layout_roles(cfg["num-experts"], cfg["num-train-clients"], anchors=False)
         if method == "fedmix":
             options = dict(
-                role_of=_partition_roles(cfg), top_k=cfg["num-experts"], anchors_per_round=0, normal_per_round=per_round
+                role_of=no_anchors, top_k=cfg["num-experts"], anchors_per_round=0, normal_per_round=per_round
             )
         if method == "avg-ensembles":
-            options = dict(role_of=_partition_roles(cfg), top_k=1, anchors_per_round=0, normal_per_round=per_round)
+            options = dict(role_of=no_anchors, top_k=1, anchors_per_round=0, normal_per_round=per_round)
         cls = RandomExpertEnsemble if method == "avg-ensembles" else DDOME
         strategy = build_strategy(cfg, common, on_metrics, cls=cls, **options)
         evaluate_fn = None
@@ -225,9 +286,14 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         kwargs = dict(
             fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=per_round, min_available_nodes=per_round
         )
-        strategy = FedProx(proximal_mu=cfg["fedprox-mu"], **kwargs) if method == "fedprox" else FedAvg(**kwargs)
-        train_config = ConfigRecord({**client_config(cfg), TASK: baselines.TRAIN_SINGLE})
-        evaluate_fn = _evaluator(grid, partitions, cfg, baselines.EVALUATE_SINGLE, cfg["eval-every"], rounds, history)
+        setup = NodeSetup(client_config(cfg))  # the client configuration, once per node
+        if method == "fedprox":
+            strategy = SingleFedProx(setup, proximal_mu=cfg["fedprox-mu"], **kwargs)
+        else:
+            strategy = SingleFedAvg(setup, **kwargs)
+        evaluate_fn = _evaluator(
+            grid, partitions, cfg, baselines.EVALUATE_SINGLE, cfg["eval-every"], rounds, history, setup
+        )
 
         def progress_fn(server_round, arrays):
             if server_round:
@@ -238,7 +304,6 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
             counting,
             first_expert(initial),
             num_rounds=rounds,
-            train_config=train_config,
             evaluate_fn=progress_fn,
         )
         bytes_per_round = counting.train_bytes / rounds

@@ -35,12 +35,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import ServerApp
-from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 import ddome_strategy.strategy as strategy_module
 import server_app.app as server_module
-from client_app import baselines
+from benchmarks.compare import SingleFedAvg
 from client_app import task as client_task
 from client_app.app import app as client_app
 from client_app.task import build_expert, build_local_gate, embed, load_local_data, mean_gate_scores, train_local
@@ -49,7 +48,7 @@ from ddome_strategy import DDOME, layout_roles
 from ddome_strategy.aggregation import aggregate_moe
 from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, load_part, pack_part
 from ddome_strategy.moe import top_k_experts
-from ddome_strategy.strategy import ARRAYS, CONFIG, METRICS, TASK
+from ddome_strategy.protocol import ARRAYS, CONFIG, METRICS, ROLE_QUERY, ROUTE_QUERY, NodeSetup
 from server_app.app import build_common_expert, build_moe, run_ddome
 from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid, ensure_task_identity
@@ -169,7 +168,8 @@ def plain_pytorch(cfg: dict, threads: int) -> list[float]:
 
 def _fedavg(cfg: dict, grid, common) -> list[float]:
     per_round = cfg["anchors-per-round"] + cfg["normal-per-round"]
-    strategy = FedAvg(
+    strategy = SingleFedAvg(
+        NodeSetup(client_config(cfg)),
         fraction_train=per_round / cfg["num-train-clients"],
         fraction_evaluate=0.0,
         min_train_nodes=per_round,
@@ -180,7 +180,6 @@ def _fedavg(cfg: dict, grid, common) -> list[float]:
         grid,
         ArrayRecord(common.state_dict()),
         num_rounds=cfg["num-server-rounds"],
-        train_config=ConfigRecord({**client_config(cfg), TASK: baselines.TRAIN_SINGLE}),
         evaluate_fn=lambda r, a: stamps.append(time.perf_counter()),
     )
     return list(np.diff(stamps))[1:]
@@ -219,13 +218,13 @@ class PhaseTimer(InProcessGrid):
         messages = list(messages)
         if not messages:
             return []
-        task = str(messages[0].content[CONFIG][TASK])
+        task = messages[0].metadata.message_type
         started = time.perf_counter()
         replies = super().send_and_receive(messages, timeout=timeout)
         elapsed = time.perf_counter() - started
         self.in_grid += elapsed
         self.seconds[
-            {"role": "1 role query (clients)", "route": "2 routing (clients: mean gate scores)"}.get(
+            {ROLE_QUERY: "1 role query (clients)", ROUTE_QUERY: "2 routing (clients: mean gate scores)"}.get(
                 task, f"4 {task} (clients)"
             )
         ] += elapsed
@@ -283,10 +282,10 @@ class EchoGrid:
         return [self._reply(m) for m in messages]
 
     def _reply(self, message: Message) -> Message:
-        task = message.content[CONFIG][TASK]
-        if task == "role":
+        kind = message.metadata.message_type
+        if kind == ROLE_QUERY:
             content = {CONFIG: ConfigRecord({"partition-id": message.metadata.dst_node_id - 1})}
-        elif task == "route":
+        elif kind == ROUTE_QUERY:
             scores = np.random.default_rng(message.metadata.dst_node_id).dirichlet(np.ones(self.num_experts))
             content = {METRICS: MetricRecord({"gate-scores": scores.tolist()})}
         else:
@@ -306,7 +305,7 @@ def bytes_per_round(num_experts: int, fedmix: bool, cfg: dict) -> float:
     num_train = num_experts + 10
     if fedmix:
         options = dict(
-            role_of=lambda pid: ("normal", -1) if pid < num_train else ("test", -1),
+            role_of=layout_roles(num_experts, num_train, anchors=False),
             top_k=num_experts,
             anchors_per_round=0,
             normal_per_round=10,

@@ -1,4 +1,15 @@
-"""DDOME ClientApp: role and routing queries, joint training, zero-shot evaluation."""
+"""DDOME ClientApp: one handler per message type, addressed with Flower's named actions.
+
+- ``query.role``: this node's ``partition-id``.
+- ``query.route``: the mean gate scores of the gate sent (the routing phase).
+- ``train``: joint training of the gate and the experts sent.
+- ``evaluate``: zero-shot evaluation with the gate and the experts sent.
+- ``train.single``, ``evaluate.single``, ``evaluate.ensemble``: the benchmark's
+  baselines (one model; the average of all experts).
+
+The run's client configuration comes once, with a node's first message, and is kept
+in ``context.state`` (see :func:`client_app.task.settings`).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +26,12 @@ from client_app.task import (
     load_local_data,
     mean_gate_scores,
     predict,
+    settings,
     train_local,
 )
 from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, pack_part
-from ddome_strategy.strategy import ANCHOR, ARRAYS, COMMON_EXPERT, CONFIG, METRICS, TASK
+from ddome_strategy.protocol import ARRAYS, COMMON_EXPERT, CONFIG, METRICS
+from ddome_strategy.roles import ANCHOR
 
 app = ClientApp()
 
@@ -31,12 +44,12 @@ def _partition_id(context: Context) -> int:
 
 
 def _local(message: Message, context: Context):
-    """The message's config, this node's data, and its cached embeddings.
+    """The run's settings for this message, this node's data, and its cached embeddings.
 
     Embeddings are computed once, when the common expert arrives with the node's
     first message, and kept in ``context.state`` for the rest of the run.
     """
-    cfg = message.content[CONFIG]
+    cfg = settings(message, context)
     data_root = str(context.node_config.get("data-root", cfg["data-root"]))
     data = load_local_data(cfg, _partition_id(context), data_root)
     if COMMON_EXPERT in message.content:
@@ -62,12 +75,16 @@ def _models(cfg, data, arrays: ArrayRecord, embedding_dim: int):
     return gate_from(cfg, embedding_dim, arrays), experts
 
 
-@app.query()
-def query(message: Message, context: Context) -> Message:
-    """Answer the server's role query (``partition-id``) or routing query (scores)."""
-    if message.content[CONFIG][TASK] == "role":
-        reply = RecordDict({CONFIG: ConfigRecord({"partition-id": _partition_id(context)})})
-        return Message(reply, reply_to=message)
+@app.query("role")
+def role(message: Message, context: Context) -> Message:
+    """Answer the server's role query with this node's ``partition-id``."""
+    reply = RecordDict({CONFIG: ConfigRecord({"partition-id": _partition_id(context)})})
+    return Message(reply, reply_to=message)
+
+
+@app.query("route")
+def route(message: Message, context: Context) -> Message:
+    """Answer the routing query: the mean gate scores of the gate sent over the local data."""
     cfg, data, cached = _local(message, context)
     gate, _ = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
     # Training clients route on their training data, test clients on their unlabeled data.
@@ -79,8 +96,6 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the gate and the received experts on the local data."""
-    if message.content[CONFIG][TASK] == baselines.TRAIN_SINGLE:
-        return baselines.train_single(message, context)
     cfg, data, cached = _local(message, context)
     gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
     anchor = int(cfg["experts"][0]) if cfg["role"] == ANCHOR else None
@@ -100,10 +115,27 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Zero-shot evaluation with the gate and the K experts the server sent."""
-    if message.content[CONFIG][TASK] in baselines.TASKS:
-        return baselines.evaluate(message, context)
     cfg, data, cached = _local(message, context)
     gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
     rule = str(cfg.get("zero-shot-rule", "top1"))
     metrics = evaluate_zero_shot(gate, experts, data, cached["eval"], cached["common-expert-logits"], rule)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
+
+
+# The benchmark's baselines (client_app/baselines.py).
+@app.train("single")
+def train_single(message: Message, context: Context) -> Message:
+    """FedAvg / FedProx local training of one model."""
+    return baselines.train_single(message, context)
+
+
+@app.evaluate("single")
+def evaluate_single(message: Message, context: Context) -> Message:
+    """Accuracy of one model."""
+    return baselines.evaluate_single(message, context)
+
+
+@app.evaluate("ensemble")
+def evaluate_ensemble(message: Message, context: Context) -> Message:
+    """Accuracy of the average of all experts' probabilities."""
+    return baselines.evaluate_ensemble(message, context)

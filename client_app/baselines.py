@@ -7,19 +7,19 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from client_app.task import _batches, expert_from, load_local_data, predict
+from client_app.task import _batches, expert_from, load_local_data, predict, settings
 from ddome_strategy.arrays import expert_prefix, experts_in, pack_part
 from ddome_strategy.models import pick_device
-from ddome_strategy.strategy import ARRAYS, CONFIG, METRICS, TASK
+from ddome_strategy.protocol import ARRAYS, METRICS
 
-TRAIN_SINGLE = "train-single"
-EVALUATE_SINGLE = "evaluate-single"
-EVALUATE_ENSEMBLE = "evaluate-ensemble"
-TASKS = (TRAIN_SINGLE, EVALUATE_SINGLE, EVALUATE_ENSEMBLE)
+# Message types of the baselines (Flower named actions; see client_app/app.py).
+TRAIN_SINGLE = "train.single"
+EVALUATE_SINGLE = "evaluate.single"
+EVALUATE_ENSEMBLE = "evaluate.ensemble"
 
 
 def _data(message: Message, context: Context):
-    cfg = message.content[CONFIG]
+    cfg = settings(message, context)
     data_root = str(context.node_config.get("data-root", cfg["data-root"]))
     return cfg, load_local_data(cfg, int(context.node_config["partition-id"]), data_root)
 
@@ -49,18 +49,26 @@ def train_single(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
-def evaluate(message: Message, context: Context) -> Message:
-    """Accuracy of one model, or of the average of all experts' probabilities."""
+def _accuracy(probs: torch.Tensor, data) -> dict:
+    accuracy = float((probs.argmax(1) == data.eval_y).float().mean())
+    return {"zero-shot-acc": accuracy, "num-examples": len(data.eval_y)}
+
+
+def evaluate_single(message: Message, context: Context) -> Message:
+    """Accuracy of one model (FedAvg, FedProx, the common expert alone)."""
+    cfg, data = _data(message, context)
+    model = expert_from(cfg, data, message.content[ARRAYS], "")
+    metrics = _accuracy(torch.softmax(predict(model, data.eval_x), 1), data)
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
+
+
+def evaluate_ensemble(message: Message, context: Context) -> Message:
+    """Accuracy of the average of all experts' probabilities (Avg-Ensembles)."""
     cfg, data = _data(message, context)
     arrays = message.content[ARRAYS]
-    if cfg[TASK] == EVALUATE_SINGLE:
-        model = expert_from(cfg, data, arrays, "")
-        probs = torch.softmax(predict(model, data.eval_x), 1)
-    else:
-        probs = 0
-        for e in experts_in(arrays):
-            expert = expert_from(cfg, data, arrays, expert_prefix(e))
-            probs = probs + torch.softmax(predict(expert, data.eval_x), 1)
-    accuracy = float((probs.argmax(1) == data.eval_y).float().mean())
-    metrics = {"zero-shot-acc": accuracy, "num-examples": len(data.eval_y)}
+    probs = 0
+    for e in experts_in(arrays):
+        expert = expert_from(cfg, data, arrays, expert_prefix(e))
+        probs = probs + torch.softmax(predict(expert, data.eval_x), 1)
+    metrics = _accuracy(probs, data)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
 from data.settings import load_partitioned, partition_settings
@@ -22,11 +22,26 @@ from ddome_strategy.moe import (
     routing_error,
     zero_shot_predictions,
 )
+from ddome_strategy.protocol import CLIENT_CONFIG, CONFIG
 
 if "OMP_NUM_THREADS" not in os.environ:
     # Simulated clients share the machine's cores, and small models run fastest on one
     # thread: two threads per client made local training ~10x slower on 2 cores.
     torch.set_num_threads(1)
+
+
+def settings(message: Message, context: Context) -> dict:
+    """The run's client configuration with this message's per-round values.
+
+    The client configuration comes with the node's first message (record
+    ``client-config``) and is kept in ``context.state`` for the rest of the run; later
+    messages carry only per-round values (record ``config``).
+    """
+    if CLIENT_CONFIG in message.content:
+        context.state[CLIENT_CONFIG] = message.content[CLIENT_CONFIG]
+    if CLIENT_CONFIG not in context.state:
+        raise RuntimeError("No client configuration on this node and none in the message: the server must resend it.")
+    return {**context.state[CLIENT_CONFIG], **message.content.config_records.get(CONFIG, ConfigRecord())}
 
 
 @dataclass

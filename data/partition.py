@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ddome_strategy.roles import role_in_layout
+
 PARTITION_MODES = ("grouped", "free", "dirichlet")
 EVALUATION_SPLITS = ("test", "validation")
 # Dirichlet mode's anchors: "literal" (the spec: a Dirichlet mix like every client) or
@@ -19,7 +21,8 @@ DIRICHLET_ANCHORS = ("literal", "group")
 @dataclass(frozen=True)
 class PartitionPlan:
     """Who holds what. Partition ids ``0..M-1`` are the anchors (anchor ``i`` tied to
-    expert ``i``), ``M..S-1`` normal training clients, ``S..S+T-1`` unseen test clients."""
+    expert ``i``), ``M..S-1`` normal training clients, ``S..S+T-1`` unseen test clients
+    (the layout of :func:`ddome_strategy.roles.role_in_layout`)."""
 
     num_experts: int
     num_train_clients: int
@@ -41,9 +44,7 @@ class PartitionPlan:
         """``"anchor"``, ``"normal"`` or ``"test"``."""
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside 0..{self.num_partitions - 1}.")
-        if partition_id < self.num_experts:
-            return "anchor"
-        return "normal" if partition_id < self.num_train_clients else "test"
+        return role_in_layout(partition_id, self.num_experts, self.num_train_clients)[0]
 
 
 def _check(ok: bool, sentence: str) -> None:

@@ -9,7 +9,8 @@ from .aggregation import aggregate_moe, check_update
 from .arrays import expert_prefix, pack_moe, select
 from .models import ARCHITECTURES, Classifier, build_gate, build_model
 from .moe import anchor_loss, mixture_loss, top_k_experts, zero_shot_predictions
-from .strategy import ANCHOR, DDOME, NORMAL, TEST, layout_roles
+from .roles import ANCHOR, NORMAL, TEST, layout_roles, role_in_layout
+from .strategy import DDOME
 
 __all__ = [
     "ANCHOR",
@@ -27,6 +28,7 @@ __all__ = [
     "layout_roles",
     "mixture_loss",
     "pack_moe",
+    "role_in_layout",
     "select",
     "top_k_experts",
     "zero_shot_predictions",

@@ -2,50 +2,64 @@
 
 from __future__ import annotations
 
+import io
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from .aggregation import aggregate_moe, check_update
 from .arrays import experts_in, moe_prefixes, select
 from .moe import adaptive_experts
+from .protocol import (
+    ARRAYS,
+    CLIENT_CONFIG,
+    COMMON_EXPERT,
+    CONFIG,
+    EVALUATE,
+    METRICS,
+    PER_ROUND_KEYS,
+    ROLE_QUERY,
+    ROUTE_QUERY,
+    TRAIN,
+    NodeSetup,
+)
+from .roles import ANCHOR, NORMAL, TEST, RoleOf, layout_roles
 
-# Names of the records and config entries exchanged with the ClientApp.
-ARRAYS = "arrays"
-COMMON_EXPERT = "common-expert"
-CONFIG = "config"
-METRICS = "metrics"
-TASK = "ddome-task"
-
-ANCHOR, NORMAL, TEST = "anchor", "normal", "test"
+__all__ = [
+    "ANCHOR",
+    "ARRAYS",
+    "CLIENT_CONFIG",
+    "COMMON_EXPERT",
+    "CONFIG",
+    "DDOME",
+    "EVALUATE",
+    "METRICS",
+    "NORMAL",
+    "PER_ROUND_KEYS",
+    "ROLE_QUERY",
+    "ROUTE_QUERY",
+    "TEST",
+    "TRAIN",
+    "Exchange",
+    "Routing",
+    "RoundResult",
+    "evaluates",
+    "gate_scores",
+    "layout_roles",
+    "sent_arrays",
+]
 
 # Seconds between polls for replies on grids that poll (Flower's simulation grid polls
 # every 0.1 s by default; a DDOME round waits on two exchanges, routing then training).
 POLL_INTERVAL = 0.01
-
-RoleOf = Callable[[int], tuple[str, int]]
-"""Maps a client's partition id to its role and, for anchors, its expert."""
-
-
-def layout_roles(num_experts: int, num_train_clients: int) -> RoleOf:
-    """The project's partition layout: ids ``0..M-1`` are anchors (anchor i tied to
-    expert i), ``M..S-1`` normal training clients, and ``S..`` unseen test clients."""
-
-    def role_of(partition_id: int) -> tuple[str, int]:
-        if partition_id < num_experts:
-            return ANCHOR, partition_id
-        if partition_id < num_train_clients:
-            return NORMAL, -1
-        return TEST, -1
-
-    return role_of
 
 
 @dataclass
@@ -57,12 +71,43 @@ class _Client:
 
 
 @dataclass
-class _RoundTraffic:
-    """Bytes of arrays (model weights, gate scores) sent and received in a round."""
+class Exchange:
+    """One phase's exchange with the clients: the replies without errors, and the array
+    bytes (``ArrayRecord.count_bytes``) of the messages sent and of those replies."""
 
-    down: int = 0
-    up: int = 0
-    picks: list[int] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+    @property
+    def bytes(self) -> int:
+        """Array bytes both ways."""
+        return self.bytes_down + self.bytes_up
+
+
+@dataclass
+class Routing:
+    """What a routing phase decided: node id -> the experts it is sent (in reply order),
+    its mean gate scores, and the phase's exchange (its byte count)."""
+
+    experts: dict[int, list[int]] = field(default_factory=dict)
+    scores: dict[int, list[float]] = field(default_factory=dict)
+    exchange: Exchange = field(default_factory=Exchange)
+
+
+@dataclass
+class RoundResult:
+    """What one round produced: the new global arrays (``None``: the round was skipped)
+    and the train and (in evaluation rounds) evaluate metrics."""
+
+    arrays: ArrayRecord | None
+    train_metrics: MetricRecord
+    evaluate_metrics: MetricRecord | None = None
+
+
+def sent_arrays(messages: Iterable[Message]) -> dict[int, ArrayRecord]:
+    """Node id -> the arrays a training message sent it (what a valid update must match)."""
+    return {m.metadata.dst_node_id: m.content[ARRAYS] for m in messages}
 
 
 def evaluates(server_round: int, num_rounds: int, every: int, last: int = 0) -> bool:
@@ -124,7 +169,8 @@ class DDOME(Strategy):
     Each round samples anchor and normal clients, asks the normal clients for their
     mean gate scores (routing), sends each client the gate plus only its top-K experts
     (an anchor gets its own expert), and averages every expert over the clients that
-    trained it. Evaluation routes unseen test clients the same way, zero-shot.
+    trained it. Evaluation routes unseen test clients the same way, zero-shot. One
+    round, phase by phase, is :meth:`run_round`.
 
     Parameters
     ----------
@@ -133,8 +179,8 @@ class DDOME(Strategy):
         ``expert.<i>.*`` arrays for ``i < M`` (see :mod:`ddome_strategy.arrays`).
     role_of : RoleOf
         Maps a client's ``partition-id`` to ``(role, expert)``; see
-        :func:`layout_roles`. Roles are learned from the clients with a query, so node
-        ids may be arbitrary (as in a real deployment).
+        :func:`~ddome_strategy.roles.layout_roles`. Roles are learned from the clients
+        with a query, so node ids may be arbitrary (as in a real deployment).
     top_k : int (default: 2)
         Experts sent to each normal or evaluated client (at most, with ``dispatch_mass``).
     min_top_k : int (default: 1)
@@ -151,8 +197,10 @@ class DDOME(Strategy):
         Frozen common-expert weights, sent once to each client with its first message
         so that it can compute its embeddings. ``None`` if clients already have it.
     client_config : Mapping, optional
-        Entries added to every message's ``config`` record (data and training
-        settings the ClientApp needs).
+        The run's client configuration (data and training settings the ClientApp
+        needs), sent once to each client with its first message (record
+        ``client-config``); later messages carry only the per-round values
+        (``server-round``, ``experts``, ``role``), which it must not contain.
     eval_every : int (default: 5)
         Evaluate every this many rounds, and always at the last round.
     eval_last : int (default: 0)
@@ -164,7 +212,8 @@ class DDOME(Strategy):
     min_nodes : int (default: 1)
         Wait until this many nodes are connected before the first round.
     timeout : float (default: 600)
-        Seconds to wait for the replies of one phase (routing, training, evaluation).
+        Seconds to wait for the replies of each phase (role query, routing, training,
+        evaluation routing, evaluation).
     seed : int (default: 0)
         Seed of client sampling.
     on_metrics : Callable, optional
@@ -202,8 +251,8 @@ class DDOME(Strategy):
         self.dispatch_mass = dispatch_mass
         self.anchors_per_round = anchors_per_round
         self.normal_per_round = normal_per_round
-        self.common_expert = common_expert
-        self.client_config = dict(client_config or {})
+        # Raises if client_config holds a per-round key (it would shadow it on the client).
+        self.setup = NodeSetup(client_config or {}, common_expert)
         self.eval_every = eval_every
         self.eval_last = eval_last
         self.eval_train_clients = eval_train_clients
@@ -215,17 +264,23 @@ class DDOME(Strategy):
         self.num_rounds = 0
         self.round_offset = 0
         self.started = time.monotonic()
+        # The nodes whose role is known (node id -> client), learned by the discover phase.
         self.clients: dict[int, _Client] = {}
-        self.has_common_expert: set[int] = set()
+        # The global gate and experts: the start's, then each round's aggregate.
         self.arrays = ArrayRecord()
-        self.sent: dict[int, ArrayRecord] = {}
-        self.evaluated: set[int] = set()
-        self.traffic = _RoundTraffic()
-        # Mean gate scores each client last reported in a routing phase (node id -> scores).
-        self.scores: dict[int, list[float]] = {}
         # The last evaluation's routing, for the run's heatmap: partition id -> role,
         # anchor expert, mean gate scores and the experts sent.
         self.last_routing: dict[int, dict] = {}
+
+    @property
+    def common_expert(self) -> ArrayRecord | None:
+        """The frozen common expert sent with each node's first message."""
+        return self.setup.common_expert
+
+    @property
+    def client_config(self) -> dict:
+        """The client configuration sent with each node's first message."""
+        return dict(self.setup.client_config)
 
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:
@@ -239,28 +294,6 @@ class DDOME(Strategy):
             self.normal_per_round,
         )
         log(INFO, "\t└── evaluate every %d rounds", self.eval_every)
-
-    def start(  # type: ignore[override]
-        self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *, first_round: int = 1, **kwargs
-    ) -> Result:
-        """Run rounds ``first_round..num_rounds`` (see :meth:`Strategy.start`).
-
-        ``first_round > 1`` resumes a run: round numbers (which seed the clients' local
-        shuffling and decide when to evaluate) continue where the run stopped. Callbacks
-        (``on_metrics``, ``evaluate_fn``) see the true round numbers; Flower's ``Result``
-        counts from 1.
-        """
-        self.round_offset = first_round - 1
-        self.started = time.monotonic()
-        self.num_rounds = num_rounds
-        self.arrays = initial_arrays
-        evaluate_fn = kwargs.pop("evaluate_fn", None)
-        if evaluate_fn is not None:
-            offset = self.round_offset
-            kwargs["evaluate_fn"] = lambda server_round, arrays: evaluate_fn(server_round + offset, arrays)
-        if isinstance(getattr(grid, "pull_interval", None), float) and grid.pull_interval > POLL_INTERVAL:
-            grid.pull_interval = POLL_INTERVAL  # 20% less time per simulated round, docs/performance.md
-        return super().start(grid, initial_arrays, num_rounds - self.round_offset, **kwargs)
 
     def _eta(self, server_round: int) -> str:
         """Seconds per round so far and the time the remaining rounds will take at that pace."""
@@ -280,34 +313,253 @@ class DDOME(Strategy):
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`. Clients are re-discovered and are sent the common
-        expert again (a restarted server cannot know what they kept)."""
+        """Restore :meth:`state_dict`. Clients are re-discovered and are sent the client
+        configuration and the common expert again (a restarted server cannot know what
+        they kept)."""
         self.rng.bit_generator.state = state["rng"]
 
     def _message(self, node_id: int, arrays: ArrayRecord, config: dict, message_type: str) -> Message:
-        content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**self.client_config, **config})})
-        if self.common_expert is not None and node_id not in self.has_common_expert:
-            content[COMMON_EXPERT] = self.common_expert
-            self.has_common_expert.add(node_id)
-        self.traffic.down += _array_bytes(content)
+        """A message of ``arrays`` and the per-round ``config``, with the node's set-up
+        (client configuration, common expert) if it has not received it yet."""
+        content = self.setup.attach(node_id, RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)}))
         return Message(content=content, dst_node_id=node_id, message_type=message_type)
 
-    def _good_replies(self, replies: Iterable[Message], phase: str) -> list[Message]:
+    def exchange(self, grid: Grid, phase: str, messages: Iterable[Message]) -> Exchange:
+        """Send one phase's messages, wait up to ``timeout`` for the replies, and count
+        the phase's array bytes.
+
+        Nodes that do not reply are logged; a node that replies with an error is
+        logged and left out, and gets its set-up again with its next message (it may
+        have restarted and lost it).
+
+        Returns
+        -------
+        Exchange
+            The replies without errors and the array bytes sent and received.
+        """
+        messages = list(messages)
+        if not messages:
+            return Exchange()
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        _log_missing(phase, {m.metadata.dst_node_id for m in messages}, replies)
         good = []
         for reply in replies:
-            node = reply.metadata.src_node_id
             if reply.has_error():
-                # The node may have restarted and lost its embeddings: resend the
-                # common expert next time.
-                self.has_common_expert.discard(node)
-                log(WARNING, "%s: node %s replied with an error: %s", phase, node, reply.error.reason)
+                self.setup.forget(reply.metadata.src_node_id)
+                log(
+                    WARNING,
+                    "%s: node %s replied with an error: %s",
+                    phase,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
-            self.traffic.up += _array_bytes(reply.content)
             good.append(reply)
-        return good
+        return Exchange(
+            good, sum(_array_bytes(m.content) for m in messages), sum(_array_bytes(r.content) for r in good)
+        )
 
-    def discover_clients(self, grid: Grid) -> None:
-        """Ask every connected node we do not know yet for its ``partition-id``."""
+    def _with_role(self, grid: Grid, role: str) -> list[_Client]:
+        live = set(grid.get_node_ids())
+        found = [c for c in self.clients.values() if c.role == role and c.node_id in live]
+        return sorted(found, key=lambda c: c.partition_id)
+
+    def _sample(self, clients: list[_Client], count: int) -> list[_Client]:
+        picked = self.rng.choice(len(clients), size=min(count, len(clients)), replace=False)
+        return [clients[i] for i in sorted(picked)]
+
+    def _reply_order(self, reply: Message) -> tuple[int, int]:
+        """Sort key of a reply: its client's partition id, else (after those) its node id.
+
+        Arrival order varies (under Ray it does from run to run), and floating-point sums
+        depend on their order: a fixed order gives bit-identical aggregates on every grid.
+        """
+        node = reply.metadata.src_node_id
+        client = self.clients.get(node)
+        return (0, client.partition_id) if client is not None else (1, node)
+
+    # ------------------------------------------------------------------ the run
+    def start(  # type: ignore[override]  # pylint: disable=too-many-arguments
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Run rounds ``first_round..num_rounds`` with :meth:`run_round`.
+
+        Parameters
+        ----------
+        grid : Grid
+            The grid to reach the clients through.
+        initial_arrays : ArrayRecord
+            The global gate and experts to start from.
+        num_rounds : int (default: 3)
+            The run's last round.
+        timeout : float, optional
+            Replaces the constructor's ``timeout`` (seconds per phase).
+        train_config, evaluate_config : ConfigRecord, optional
+            Extra per-round entries of every training / evaluation message.
+        evaluate_fn : Callable, optional
+            Called as ``evaluate_fn(server_round, arrays)`` before the first round
+            (with ``first_round - 1``) and after every round, as in Flower's
+            :meth:`Strategy.start`; a ``MetricRecord`` it returns goes in the result.
+        first_round : int (default: 1)
+            ``> 1`` resumes a run: round numbers (which seed the clients' local
+            shuffling and decide when to evaluate) continue where the run stopped.
+
+        Returns
+        -------
+        Result
+            Flower's result; its rounds count from 1 (callbacks see the true numbers).
+        """
+        self.round_offset = first_round - 1
+        self.num_rounds = num_rounds
+        self.started = time.monotonic()
+        if timeout is not None:
+            self.timeout = timeout
+        if isinstance(getattr(grid, "pull_interval", None), float) and grid.pull_interval > POLL_INTERVAL:
+            grid.pull_interval = POLL_INTERVAL  # 20% less time per simulated round, docs/performance.md
+        # The log lines of Flower's Strategy.start, so that its log filters apply alike.
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        log_strategy_start_info(num_rounds - self.round_offset, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        log(INFO, "")
+        result = Result()
+        t_start = time.time()
+        if evaluate_fn:
+            res = evaluate_fn(self.round_offset, initial_arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        self.arrays = initial_arrays
+        for server_round in range(first_round, num_rounds + 1):
+            count = server_round - self.round_offset  # Flower's Result counts from 1
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", count, num_rounds - self.round_offset)
+            outcome = self.run_round(grid, server_round, self.arrays, train_config, evaluate_config)
+            if outcome.arrays is not None:
+                result.arrays = self.arrays = outcome.arrays
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", outcome.train_metrics)
+            result.train_metrics_clientapp[count] = outcome.train_metrics
+            if outcome.evaluate_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", outcome.evaluate_metrics)
+                result.evaluate_metrics_clientapp[count] = outcome.evaluate_metrics
+            if evaluate_fn:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(server_round, self.arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[count] = res
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
+        return result
+
+    def run_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+    ) -> RoundResult:
+        """One DDOME round, phase by phase; each phase that talks to the clients waits
+        up to ``timeout``, logs the nodes that failed and counts its array bytes.
+
+        Parameters
+        ----------
+        grid : Grid
+            The grid to reach the clients through.
+        server_round : int
+            The round (the run's true number, also after a resume).
+        arrays : ArrayRecord
+            The global gate and experts at the start of the round.
+        train_config, evaluate_config : ConfigRecord, optional
+            Extra per-round entries of the training / evaluation messages.
+
+        Returns
+        -------
+        RoundResult
+            The new global arrays (``None`` if the round was skipped) and the metrics.
+        """
+        # 1. Discover: ask nodes that connected since the last round for their partition id.
+        self.discover(grid)
+        # 2. Route: sample anchors and normal clients; the normal ones score the experts
+        #    with the gate (a query.route exchange) and each gets its top-K.
+        anchors, normals = self.sample(grid)
+        routing = self.route(grid, normals, server_round, arrays)
+        # 3. Dispatch: the gate plus its own expert to each anchor, its top-K to each routed client.
+        messages = self.configure_train(server_round, arrays, train_config, anchors=anchors, routing=routing)
+        # 4. Train: the clients train what they received and send it back.
+        training = self.exchange(grid, "train", messages)
+        # 5. Aggregate: the gate over all valid updates, each expert over its trainers.
+        new_arrays, train_metrics = self.aggregate_train(
+            server_round, training.replies, sent=sent_arrays(messages), arrays=arrays
+        )
+        picks = [e for experts in routing.experts.values() for e in experts]
+        traffic = {
+            "bytes-down": routing.exchange.bytes_down + training.bytes_down,
+            "bytes-up": routing.exchange.bytes_up + training.bytes_up,
+            "bytes-total": routing.exchange.bytes + training.bytes,  # routing + training, not evaluation
+            "expert-picks": np.bincount(picks, minlength=self.num_experts).tolist(),
+            "bytes/route": routing.exchange.bytes,
+            "bytes/train": training.bytes,
+        }
+        train_metrics = {**train_metrics, **traffic}
+        arrays = arrays if new_arrays is None else new_arrays
+        log(
+            INFO,
+            "round %d/%d | train loss %.4f | anchor routing acc %.3f | %.2f MB | experts picked %s | %s",
+            server_round,
+            self.num_rounds,
+            train_metrics["train-loss"],
+            train_metrics["anchor-routing-acc"],
+            train_metrics["bytes-total"] / 1e6,
+            traffic["expert-picks"],
+            self._eta(server_round),
+        )
+        if self.on_metrics:
+            self.on_metrics(server_round, "train", train_metrics, arrays)
+        # 6. Evaluate (evaluation rounds only): route the evaluated clients the same way,
+        #    send each its top-K, average their zero-shot metrics.
+        evaluated = self.evaluation_clients(grid, server_round)
+        if not evaluated:
+            return RoundResult(new_arrays, MetricRecord(train_metrics))
+        eval_routing = self.route(grid, evaluated, server_round, arrays, phase="evaluation routing")
+        self.last_routing = {
+            self.clients[n].partition_id: {
+                "role": self.clients[n].role,
+                "expert": self.clients[n].expert,
+                "scores": eval_routing.scores[n],
+                "chosen": experts,
+            }
+            for n, experts in eval_routing.experts.items()
+        }
+        messages = self.configure_evaluate(server_round, arrays, evaluate_config, routing=eval_routing)
+        evaluation = self.exchange(grid, "evaluate", messages)
+        eval_metrics = self.aggregate_evaluate(server_round, evaluation.replies, evaluated=set(eval_routing.experts))
+        if eval_metrics is None:
+            return RoundResult(new_arrays, MetricRecord(train_metrics))
+        eval_metrics = {**eval_metrics, "bytes/evaluate": eval_routing.exchange.bytes + evaluation.bytes}
+        if self.on_metrics:
+            self.on_metrics(server_round, "evaluate", eval_metrics, arrays)
+        return RoundResult(new_arrays, MetricRecord(train_metrics), MetricRecord(eval_metrics))
+
+    # ------------------------------------------------------------------ phases
+    def discover(self, grid: Grid) -> None:
+        """Discover phase: ask every connected node we do not know yet for its
+        ``partition-id`` (a ``query.role`` message) and learn its role."""
         deadline = time.monotonic() + self.timeout
         while len(node_ids := list(grid.get_node_ids())) < self.min_nodes:
             if time.monotonic() > deadline:
@@ -323,15 +575,8 @@ class DDOME(Strategy):
         unknown = [n for n in node_ids if n not in self.clients]
         if not unknown:
             return
-        queries = [
-            Message(
-                content=RecordDict({CONFIG: ConfigRecord({**self.client_config, TASK: "role"})}),
-                dst_node_id=n,
-                message_type=MessageType.QUERY,
-            )
-            for n in unknown
-        ]
-        for reply in self._good_replies(grid.send_and_receive(queries, timeout=self.timeout), "role query"):
+        queries = [Message(content=RecordDict(), dst_node_id=n, message_type=ROLE_QUERY) for n in unknown]
+        for reply in self.exchange(grid, "role query", queries).replies:
             node = reply.metadata.src_node_id
             config = reply.content.config_records.get(CONFIG, ConfigRecord())
             pid = config.get("partition-id")
@@ -352,17 +597,17 @@ class DDOME(Strategy):
         counts = {r: sum(c.role == r for c in self.clients.values()) for r in (ANCHOR, NORMAL, TEST)}
         log(INFO, "Clients: %d anchors, %d normal, %d unseen test", counts[ANCHOR], counts[NORMAL], counts[TEST])
 
-    def _with_role(self, grid: Grid, role: str) -> list[_Client]:
-        live = set(grid.get_node_ids())
-        found = [c for c in self.clients.values() if c.role == role and c.node_id in live]
-        return sorted(found, key=lambda c: c.partition_id)
+    def sample(self, grid: Grid) -> tuple[list[_Client], list[_Client]]:
+        """The round's anchors and normal clients, sampled (seeded, without replacement)
+        among the connected ones."""
+        anchors = self._sample(self._with_role(grid, ANCHOR), self.anchors_per_round)
+        normals = self._sample(self._with_role(grid, NORMAL), self.normal_per_round)
+        return anchors, normals
 
-    def _sample(self, clients: list[_Client], count: int) -> list[_Client]:
-        picked = self.rng.choice(len(clients), size=min(count, len(clients)), replace=False)
-        return [clients[i] for i in sorted(picked)]
-
-    def route(self, grid: Grid, clients: list[_Client], server_round: int) -> dict[int, list[int]]:
-        """Routing phase: send the gate, receive mean gate scores, pick top-K experts.
+    def route(
+        self, grid: Grid, clients: list[_Client], server_round: int, arrays: ArrayRecord, phase: str = "routing"
+    ) -> Routing:
+        """Routing phase: send the gate (``query.route``), receive mean gate scores, pick top-K.
 
         Parameters
         ----------
@@ -372,48 +617,52 @@ class DDOME(Strategy):
             Clients to route.
         server_round : int
             Current round.
+        arrays : ArrayRecord
+            The global arrays (only the gate is sent).
+        phase : str (default: "routing")
+            The phase's name in the log.
 
         Returns
         -------
-        dict[int, list[int]]
-            Node id -> its top-K experts, for the clients that replied.
+        Routing
+            Node id -> its top-K experts and its scores, for the clients that replied
+            with valid scores, and the exchange's byte count.
         """
-        gate = select(self.arrays, moe_prefixes([]))
-        queries = [
-            self._message(c.node_id, gate, {TASK: "route", "server-round": server_round}, MessageType.QUERY)
-            for c in clients
-        ]
+        gate = select(arrays, moe_prefixes([]))
+        queries = [self._message(c.node_id, gate, {"server-round": server_round}, ROUTE_QUERY) for c in clients]
         asked = {c.node_id for c in clients}
-        replies = list(grid.send_and_receive(queries, timeout=self.timeout))
-        _log_missing("routing", asked, replies)
-        chosen: dict[int, list[int]] = {}
-        for reply in self._good_replies(replies, "routing"):
+        exchange = self.exchange(grid, phase, queries)
+        routing = Routing(exchange=exchange)
+        for reply in exchange.replies:
             node = reply.metadata.src_node_id
-            if node not in asked or node in chosen:
-                log(WARNING, "routing: node %s sent a reply it was not asked for; ignored", node)
+            if node not in asked or node in routing.experts:
+                log(WARNING, "%s: node %s sent a reply it was not asked for; ignored", phase, node)
                 continue
             scores = gate_scores(reply.content, self.num_experts)
             if isinstance(scores, str):
-                log(WARNING, "routing: node %s sent invalid gate scores (%s); it is left out", node, scores)
+                log(WARNING, "%s: node %s sent invalid gate scores (%s); it is left out", phase, node, scores)
                 continue
-            chosen[node] = adaptive_experts(scores, self.top_k, self.min_top_k, self.dispatch_mass)
-            self.scores[node] = scores.tolist()
-        return chosen
+            routing.experts[node] = adaptive_experts(scores, self.top_k, self.min_top_k, self.dispatch_mass)
+            routing.scores[node] = scores.tolist()
+        return routing
 
-    def _dispatch(self, clients_experts: dict[int, list[int]], config: dict, message_type: str) -> list[Message]:
-        messages = []
-        for node, experts in clients_experts.items():
-            part = select(self.arrays, moe_prefixes(experts))
-            if message_type == MessageType.TRAIN:
-                self.sent[node] = part  # what a valid update must match
-            messages.append(self._message(node, part, {**config, "experts": experts}, message_type))
-        return messages
+    def _dispatch(self, clients_experts: Mapping[int, list[int]], arrays: ArrayRecord, config: dict, message_type: str):
+        return [
+            self._message(node, select(arrays, moe_prefixes(experts)), {**config, "experts": experts}, message_type)
+            for node, experts in clients_experts.items()
+        ]
 
-    # ------------------------------------------------------------------ train
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Sample anchors and normal clients, route the normal ones, dispatch top-K.
+    def configure_train(  # type: ignore[override]
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord | None = None,
+        grid: Grid | None = None,
+        *,
+        anchors: list[_Client],
+        routing: Routing,
+    ) -> list[Message]:
+        """Dispatch phase: the training messages (no exchange: routing came before).
 
         Parameters
         ----------
@@ -421,48 +670,36 @@ class DDOME(Strategy):
             The current round.
         arrays : ArrayRecord
             The global gate and experts.
-        config : ConfigRecord
-            Extra configuration sent to every training client.
-        grid : Grid
-            Used for the role query and the routing phase before training.
+        config : ConfigRecord, optional
+            Extra per-round configuration of every training message.
+        grid : Grid, optional
+            Unused (Flower's signature).
+        anchors : list
+            The sampled anchors.
+        routing : Routing
+            The routing phase's decision for the sampled normal clients.
 
         Returns
         -------
-        Iterable[Message]
-            One message per sampled client: the gate plus its own expert (anchors) or
-            its top-K experts (normal clients).
+        list[Message]
+            One ``train`` message per client: the gate plus its own expert (anchors)
+            or its top-K experts (normal clients), and the per-round ``config``.
         """
-        server_round += self.round_offset
-        self.arrays = arrays
-        self.traffic = _RoundTraffic()
-        self.sent = {}
-        self.discover_clients(grid)
-        anchors = self._sample(self._with_role(grid, ANCHOR), self.anchors_per_round)
-        normals = self._sample(self._with_role(grid, NORMAL), self.normal_per_round)
-        routed = self.route(grid, normals, server_round)
-        self.traffic.picks = [e for experts in routed.values() for e in experts]
-        train_config = {**dict(config), TASK: "train", "server-round": server_round}
+        train_config = {**dict(config or {}), "server-round": server_round}
         return [
-            *self._dispatch(
-                {c.node_id: [c.expert] for c in anchors}, {**train_config, "role": ANCHOR}, MessageType.TRAIN
-            ),
-            *self._dispatch(routed, {**train_config, "role": NORMAL}, MessageType.TRAIN),
+            *self._dispatch({c.node_id: [c.expert] for c in anchors}, arrays, {**train_config, "role": ANCHOR}, TRAIN),
+            *self._dispatch(routing.experts, arrays, {**train_config, "role": NORMAL}, TRAIN),
         ]
 
-    def _reply_order(self, reply: Message) -> tuple[int, int]:
-        """Sort key of a reply: its client's partition id, else (after those) its node id.
-
-        Arrival order varies (under Ray it does from run to run), and floating-point sums
-        depend on their order: a fixed order gives bit-identical aggregates on every grid.
-        """
-        node = reply.metadata.src_node_id
-        client = self.clients.get(node)
-        return (0, client.partition_id) if client is not None else (1, node)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the gate over all replies and each expert over its trainers.
+    def aggregate_train(  # type: ignore[override]
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        *,
+        sent: Mapping[int, ArrayRecord],
+        arrays: ArrayRecord,
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """Aggregate phase: average the gate over all replies and each expert over its trainers.
 
         Parameters
         ----------
@@ -470,29 +707,34 @@ class DDOME(Strategy):
             The current round.
         replies : Iterable[Message]
             Training replies; errors and invalid updates are logged and left out.
+        sent : Mapping[int, ArrayRecord]
+            Node id -> the arrays it was sent (:func:`sent_arrays` of the messages):
+            who may reply, and what a valid update must match.
+        arrays : ArrayRecord
+            The global arrays the round started from.
 
         Returns
         -------
-        tuple[ArrayRecord | None, MetricRecord | None]
+        tuple[ArrayRecord | None, MetricRecord]
             The new global arrays (``None`` if fewer than ``min_train_replies`` valid
-            replies arrived, so the round is skipped) and the round's metrics.
+            replies arrived, so the round is skipped) and the round's training metrics.
         """
-        server_round += self.round_offset
         updates, losses, weights, anchor_acc = [], [], [], []
         answered: set[int] = set()
         # Sum updates, losses and accuracies in partition order, whatever the arrival order.
-        replies = sorted(replies, key=self._reply_order)
-        _log_missing("train", set(self.sent), replies)
-        for reply in self._good_replies(replies, "train"):
+        for reply in sorted(replies, key=self._reply_order):
             node = reply.metadata.src_node_id
-            if node not in self.sent or node in answered:
+            if reply.has_error():
+                log(WARNING, "train: node %s replied with an error: %s", node, reply.error.reason)
+                continue
+            if node not in sent or node in answered:
                 log(WARNING, "train: node %s sent an update it was not asked for; rejected", node)
                 continue
             answered.add(node)
             metrics = reply.content.metric_records.get(METRICS, MetricRecord())
             update = reply.content.array_records.get(ARRAYS, ArrayRecord())
             n = metrics.get("num-examples")
-            reason = check_update(update, self.sent.get(node, ArrayRecord()), n)
+            reason = check_update(update, sent[node], n)
             if reason:
                 log(WARNING, "train: rejected the update of node %s: %s", node, reason)
                 continue
@@ -508,10 +750,6 @@ class DDOME(Strategy):
             "anchor-routing-acc": _mean(anchor_acc),
             "num-replies": len(updates),
             "experts-trained": len(trained),
-            "bytes-down": self.traffic.down,
-            "bytes-up": self.traffic.up,
-            "bytes-total": self.traffic.down + self.traffic.up,
-            "expert-picks": np.bincount(self.traffic.picks, minlength=self.num_experts).tolist(),
         }
         if len(updates) < self.min_train_replies:
             log(
@@ -521,70 +759,56 @@ class DDOME(Strategy):
                 len(updates),
                 self.min_train_replies,
             )
-            new_arrays = None
-        else:
-            new_arrays = self.arrays = aggregate_moe(self.arrays, updates)
-        log(
-            INFO,
-            "round %d/%d | train loss %.4f | anchor routing acc %.3f | %.2f MB | experts picked %s | %s",
-            server_round,
-            self.num_rounds,
-            metrics["train-loss"],
-            metrics["anchor-routing-acc"],
-            metrics["bytes-total"] / 1e6,
-            metrics["expert-picks"],
-            self._eta(server_round),
-        )
-        if self.on_metrics:
-            self.on_metrics(server_round, "train", metrics, self.arrays)
-        return new_arrays, MetricRecord(metrics)
+            return None, MetricRecord(metrics)
+        return aggregate_moe(arrays, updates), MetricRecord(metrics)
 
-    # ------------------------------------------------------------------ evaluate
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Route the evaluation clients with the gate and send each its top-K experts.
+    def evaluation_clients(self, grid: Grid, server_round: int) -> list[_Client]:
+        """The clients evaluated in ``server_round``: none unless it is an evaluation round
+        (every ``eval_every`` rounds, every round of the last ``eval_last`` and the last
+        one); then the unseen test clients, and the training clients too with
+        ``eval_train_clients``."""
+        if not evaluates(server_round, self.num_rounds, self.eval_every, self.eval_last):
+            return []
+        clients = self._with_role(grid, TEST)
+        if self.eval_train_clients:
+            clients += self._with_role(grid, ANCHOR) + self._with_role(grid, NORMAL)
+        return clients
+
+    def configure_evaluate(  # type: ignore[override]
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord | None = None,
+        grid: Grid | None = None,
+        *,
+        routing: Routing,
+    ) -> list[Message]:
+        """The evaluation messages of the routed clients (no exchange).
 
         Parameters
         ----------
         server_round : int
-            The current round; evaluation runs every ``eval_every`` rounds, every
-            round of the last ``eval_last`` and at the last one.
+            The current round.
         arrays : ArrayRecord
             The global gate and experts.
-        config : ConfigRecord
-            Extra configuration sent to every evaluated client.
-        grid : Grid
-            Used for the routing phase.
+        config : ConfigRecord, optional
+            Extra per-round configuration of every evaluation message.
+        grid : Grid, optional
+            Unused (Flower's signature).
+        routing : Routing
+            The evaluation routing phase's decision.
 
         Returns
         -------
-        Iterable[Message]
-            One message per routed client with the gate and its top-K experts.
+        list[Message]
+            One ``evaluate`` message per routed client with the gate and its top-K experts.
         """
-        server_round += self.round_offset
-        if not evaluates(server_round, self.num_rounds, self.eval_every, self.eval_last):
-            return []
-        self.arrays = arrays
-        self.discover_clients(grid)
-        clients = self._with_role(grid, TEST)
-        if self.eval_train_clients:
-            clients += self._with_role(grid, ANCHOR) + self._with_role(grid, NORMAL)
-        routed = self.route(grid, clients, server_round)
-        self.evaluated = set(routed)
-        self.last_routing = {
-            self.clients[n].partition_id: {
-                "role": self.clients[n].role,
-                "expert": self.clients[n].expert,
-                "scores": self.scores[n],
-                "chosen": experts,
-            }
-            for n, experts in routed.items()
-        }
-        eval_config = {**dict(config), TASK: "evaluate", "server-round": server_round}
-        return self._dispatch(routed, eval_config, MessageType.EVALUATE)
+        eval_config = {**dict(config or {}), "server-round": server_round}
+        return self._dispatch(routing.experts, arrays, eval_config, EVALUATE)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(  # type: ignore[override]
+        self, server_round: int, replies: Iterable[Message], *, evaluated: Collection[int]
+    ) -> MetricRecord | None:
         """Average each metric over the test clients and over the training clients.
 
         Parameters
@@ -593,6 +817,8 @@ class DDOME(Strategy):
             The current round.
         replies : Iterable[Message]
             Evaluation replies.
+        evaluated : Collection[int]
+            The node ids that were sent an evaluation message (others are ignored).
 
         Returns
         -------
@@ -600,15 +826,17 @@ class DDOME(Strategy):
             ``test/<metric>`` (unseen clients, the zero-shot figures) and
             ``train/<metric>`` means over clients, or ``None`` if nothing arrived.
         """
-        server_round += self.round_offset
         per_group: dict[str, dict[str, list[float]]] = {}
         answered: set[int] = set()
         # Means in partition order, whatever the arrival order (see _reply_order).
-        for reply in self._good_replies(sorted(replies, key=self._reply_order), "evaluate"):
+        for reply in sorted(replies, key=self._reply_order):
             node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "evaluate: node %s replied with an error: %s", node, reply.error.reason)
+                continue
             client = self.clients.get(node)
             record = reply.content.metric_records.get(METRICS)
-            if client is None or node not in self.evaluated or node in answered or record is None:
+            if client is None or node not in evaluated or node in answered or record is None:
                 log(WARNING, "evaluate: ignored an unexpected or malformed reply of node %s", node)
                 continue
             answered.add(node)
@@ -633,6 +861,4 @@ class DDOME(Strategy):
             metrics.get("test/common-expert-acc", float("nan")),
             metrics.get("train/zero-shot-acc", float("nan")),
         )
-        if self.on_metrics:
-            self.on_metrics(server_round, "evaluate", metrics, self.arrays)
         return MetricRecord(metrics)

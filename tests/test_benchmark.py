@@ -86,8 +86,9 @@ def test_replot_redraws_from_saved_results(benchmark_run):
 
 class RecordingGrid:
     """Wraps a grid and sums ``ArrayRecord.count_bytes`` of every training-phase message
-    and reply it carries: TRAIN messages, and QUERY messages to training clients (the
-    routing phase; with ``eval-train-clients=False`` no evaluation query goes to them)."""
+    and reply it carries: ``train`` / ``train.single`` messages, and queries to training
+    clients (the routing phase; with ``eval-train-clients=False`` no evaluation query goes
+    to them)."""
 
     def __init__(self, grid, train_nodes):
         self.grid, self.train_nodes, self.bytes = grid, set(train_nodes), 0
@@ -101,7 +102,7 @@ class RecordingGrid:
         sent = [(m, m.metadata.dst_node_id) for m in messages]
         received = [(r, r.metadata.src_node_id) for r in replies]
         for m, client in [*sent, *received]:
-            kind = m.metadata.message_type
+            kind = m.metadata.message_type.split(".")[0]  # the category of a named action
             if m.has_content() and (
                 kind == MessageType.TRAIN or (kind == MessageType.QUERY and client in self.train_nodes)
             ):
@@ -181,7 +182,7 @@ def _first_train_arrays(method, cfg, dataset, common):
     class Recording(CountingGrid):
         def send_and_receive(self, messages, *, timeout=None):
             messages = list(messages)
-            sent.extend(m for m in messages if m.metadata.message_type == MessageType.TRAIN)
+            sent.extend(m for m in messages if m.metadata.message_type.split(".")[0] == MessageType.TRAIN)
             return super().send_and_receive(messages, timeout=timeout)
 
     run_method(method, cfg, dataset, common, lambda line: None, Recording(grid))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from client_app.app import app as client_app
 from ddome_strategy.aggregation import aggregate_moe, check_update
-from ddome_strategy.strategy import ARRAYS, CONFIG, METRICS, TASK
+from ddome_strategy.strategy import ARRAYS, CONFIG, METRICS, ROLE_QUERY, ROUTE_QUERY, sent_arrays
 from server_app.app import build_common_expert, build_moe, build_strategy, run_ddome
 from server_app.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from server_app.config import DEFAULTS, ConfigError, resolve
@@ -46,9 +46,9 @@ class FaultyGrid(InProcessGrid):
         replies = []
         for message in messages:
             pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
-            if pid in self.silent and message.content["config"]["ddome-task"] != "role":
+            if pid in self.silent and message.metadata.message_type != ROLE_QUERY:
                 continue
-            if pid in self.erring and message.content["config"]["ddome-task"] == "train":
+            if pid in self.erring and message.metadata.message_type == MessageType.TRAIN:
                 replies.append(Message(Error(code=0, reason="client crashed"), reply_to=message))
                 continue
             replies.append(self.client_app(message, self.contexts[message.metadata.dst_node_id]))
@@ -71,14 +71,14 @@ class InterruptedGrid(InProcessGrid):
 
 
 class RaisingClientApp:
-    """Wraps a ClientApp; raises for some partition ids in some phases (``ddome-task``)."""
+    """Wraps a ClientApp; raises for some partition ids in some phases (message types)."""
 
     def __init__(self, app, fail: dict) -> None:
         self.app, self.fail = app, fail
 
     def __call__(self, message, context):
         pid = context.node_config["partition-id"]
-        if message.content[CONFIG][TASK] in self.fail.get(pid, ()):
+        if message.metadata.message_type in self.fail.get(pid, ()):
             raise RuntimeError(f"partition {pid} crashed")
         return self.app(message, context)
 
@@ -100,7 +100,7 @@ class FlowerLikeGrid(InProcessGrid):
             pid = context.node_config["partition-id"]
             if message.metadata.message_type == MessageType.TRAIN:
                 self.trained.append(pid)
-            if message.content[CONFIG][TASK] != "role" and self.delays.get(pid, 0) > timeout:
+            if message.metadata.message_type != ROLE_QUERY and self.delays.get(pid, 0) > timeout:
                 continue
             try:
                 replies.append(self.client_app(message, context))
@@ -140,7 +140,7 @@ def test_training_goes_on_when_clients_fail_and_accuracy_still_rises(tmp_path):
 
 def test_clients_failing_or_timing_out_in_routing_are_simply_not_trained(tmp_path, warnings_log):
     # Normal partitions 5 and 6 raise in the routing query; 7 answers too late every time.
-    grid = FlowerLikeGrid(RaisingClientApp(client_app, {5: {"route"}, 6: {"route"}}), delays={7: 1e6})
+    grid = FlowerLikeGrid(RaisingClientApp(client_app, {5: {ROUTE_QUERY}, 6: {ROUTE_QUERY}}), delays={7: 1e6})
     summary = run_ddome(grid, run_config(tmp_path, **{"num-server-rounds": 3, "round-timeout": 30.0}))
     trained = [r for r in metrics(summary) if r["stage"] == "train"]
     assert [r["round"] for r in trained] == [1, 2, 3]
@@ -155,7 +155,7 @@ def test_clients_failing_or_timing_out_in_routing_are_simply_not_trained(tmp_pat
 
 def test_clients_crashing_in_training_are_left_out(tmp_path, warnings_log):
     # A ClientApp that raises (Flower turns it into an error reply) for anchor 2 and normal 9.
-    grid = FlowerLikeGrid(RaisingClientApp(client_app, {2: {"train"}, 9: {"train"}}))
+    grid = FlowerLikeGrid(RaisingClientApp(client_app, {2: {MessageType.TRAIN}, 9: {MessageType.TRAIN}}))
     summary = run_ddome(grid, run_config(tmp_path, **{"num-server-rounds": 2}))
     assert [r["num-replies"] for r in metrics(summary) if r["stage"] == "train"] == [8, 8]
     assert "train: node 1002 replied with an error" in "\n".join(warnings_log())
@@ -294,19 +294,21 @@ def federation(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_round(federation):
-    """A strategy after ``configure_train`` of round 1, the messages and the real replies."""
+    """A strategy after the dispatch phase of round 1, the messages and the real replies."""
     cfg, common, initial = federation
     grid = InProcessGrid(client_app, NODES)
     strategy = build_strategy(cfg, common)
     strategy.num_rounds = 1
-    messages = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    strategy.discover(grid)
+    anchors, normals = strategy.sample(grid)
+    routing = strategy.route(grid, normals, 1, initial)
+    messages = strategy.configure_train(1, initial, ConfigRecord(), anchors=anchors, routing=routing)
     replies = list(grid.send_and_receive(messages))
     return strategy, initial, messages, replies
 
 
-def aggregate(strategy, initial, replies):
-    strategy.arrays = initial
-    return strategy.aggregate_train(1, replies)
+def aggregate(strategy, initial, messages, replies):
+    return strategy.aggregate_train(1, replies, sent=sent_arrays(messages), arrays=initial)
 
 
 def assert_bitwise_equal(a: ArrayRecord, b: ArrayRecord) -> None:
@@ -379,9 +381,9 @@ def test_a_bad_update_is_rejected_logged_and_never_reaches_the_aggregate(one_rou
     index = next(i for i, m in enumerate(messages) if m.content[CONFIG]["role"] == role)
     victim = messages[index].metadata.dst_node_id
     others = [r for r in replies if r.metadata.src_node_id != victim]
-    expected, _ = aggregate(strategy, initial, others)
+    expected, _ = aggregate(strategy, initial, messages, others)
     bad = corrupted(kind, replies[index], messages[index], initial)
-    got, round_metrics = aggregate(strategy, initial, [*others[:3], bad, *others[3:]])
+    got, round_metrics = aggregate(strategy, initial, messages, [*others[:3], bad, *others[3:]])
     assert_bitwise_equal(got, expected)
     assert round_metrics["num-replies"] == len(others)
     assert any(f"node {victim}" in m and "rejected" in m for m in warnings_log())
@@ -389,11 +391,11 @@ def test_a_bad_update_is_rejected_logged_and_never_reaches_the_aggregate(one_rou
 
 def test_duplicate_and_unsolicited_updates_are_rejected(one_round, warnings_log):
     strategy, initial, messages, replies = one_round
-    expected, _ = aggregate(strategy, initial, replies)
+    expected, _ = aggregate(strategy, initial, messages, replies)
     duplicate = Message(replies[0].content, reply_to=messages[0])
     never_asked = Message(RecordDict(), dst_node_id=1012, message_type=MessageType.TRAIN)  # a test client
     unsolicited = Message(replies[0].content, reply_to=never_asked)
-    got, round_metrics = aggregate(strategy, initial, [*replies, duplicate, unsolicited])
+    got, round_metrics = aggregate(strategy, initial, messages, [*replies, duplicate, unsolicited])
     assert_bitwise_equal(got, expected)
     assert round_metrics["num-replies"] == len(replies)
     log = "\n".join(warnings_log())
@@ -402,16 +404,16 @@ def test_duplicate_and_unsolicited_updates_are_rejected(one_round, warnings_log)
 
 
 class ReplacingGrid(InProcessGrid):
-    """Replaces the reply of ``node`` to a ``task`` message by ``content``."""
+    """Replaces the reply of ``node`` to a message of type ``message_type`` by ``content``."""
 
-    def __init__(self, node: int, task: str, content: RecordDict) -> None:
+    def __init__(self, node: int, message_type: str, content: RecordDict) -> None:
         super().__init__(client_app, NODES)
-        self.node, self.task, self.content = node, task, content
+        self.node, self.message_type, self.content = node, message_type, content
 
     def send_and_receive(self, messages, *, timeout=None):
         return [
             Message(self.content, reply_to=m)
-            if m.metadata.dst_node_id == self.node and m.content[CONFIG][TASK] == self.task
+            if m.metadata.dst_node_id == self.node and m.metadata.message_type == self.message_type
             else self.client_app(m, self.contexts[m.metadata.dst_node_id])
             for m in messages
         ]
@@ -444,12 +446,11 @@ NAN, INF = float("nan"), float("inf")
 )
 def test_malformed_gate_scores_leave_the_client_out(federation, warnings_log, content):
     cfg, common, initial = federation
-    grid = ReplacingGrid(1005, "route", content)
+    grid = ReplacingGrid(1005, ROUTE_QUERY, content)
     strategy = build_strategy(cfg, common)
-    strategy.arrays = initial
-    strategy.discover_clients(grid)
+    strategy.discover(grid)
     normals = strategy._with_role(grid, "normal")
-    chosen = strategy.route(grid, normals, 1)
+    chosen = strategy.route(grid, normals, 1, initial).experts
     assert set(chosen) == {c.node_id for c in normals} - {1005}
     assert all(len(experts) == 2 for experts in chosen.values())
     assert any("node 1005 sent invalid gate scores" in m for m in warnings_log())
@@ -459,9 +460,9 @@ def test_malformed_gate_scores_leave_the_client_out(federation, warnings_log, co
 def test_a_role_reply_with_a_bad_partition_id_leaves_the_node_out(federation, warnings_log, pid):
     cfg, common, _ = federation
     content = RecordDict({CONFIG: ConfigRecord({} if pid is None else {"partition-id": pid})})
-    grid = ReplacingGrid(1003, "role", content)
+    grid = ReplacingGrid(1003, ROLE_QUERY, content)
     strategy = build_strategy(cfg, common)
-    strategy.discover_clients(grid)
+    strategy.discover(grid)
     assert 1003 not in strategy.clients and len(strategy.clients) == NODES - 1
     assert any("node 1003 sent an invalid partition-id" in m for m in warnings_log())
 

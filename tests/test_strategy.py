@@ -8,7 +8,16 @@ from hypothesis import strategies as st
 
 from ddome_strategy import DDOME, aggregate_moe, layout_roles
 from ddome_strategy.arrays import experts_in
-from ddome_strategy.strategy import ARRAYS, COMMON_EXPERT, CONFIG, METRICS, TASK
+from ddome_strategy.strategy import (
+    ARRAYS,
+    CLIENT_CONFIG,
+    COMMON_EXPERT,
+    CONFIG,
+    METRICS,
+    ROLE_QUERY,
+    ROUTE_QUERY,
+    sent_arrays,
+)
 
 M, K = 4, 2
 
@@ -31,14 +40,15 @@ class ScriptedClient:
 
     def __call__(self, message):
         self.received.append(message)
-        cfg = message.content[CONFIG]
-        if cfg[TASK] == "role":
+        kind = message.metadata.message_type
+        if kind == ROLE_QUERY:
             return Message(RecordDict({CONFIG: ConfigRecord({"partition-id": self.partition_id})}), reply_to=message)
-        if cfg[TASK] == "route":
+        cfg = message.content[CONFIG]
+        if kind == ROUTE_QUERY:
             return Message(
                 RecordDict({METRICS: MetricRecord({"gate-scores": list(map(float, self.scores))})}), reply_to=message
             )
-        if cfg[TASK] == "train":
+        if kind == MessageType.TRAIN:
             if self.fail_train:
                 update = ArrayRecord({"gate.w": Array(np.full(3, np.nan, np.float32))})
             else:
@@ -85,7 +95,7 @@ NODE_IDS = [9001 + 7919 * i for i in range(10)]  # random-looking, as in a deplo
 def test_roles_are_learned_from_partition_ids(fake_grid_class):
     grid, _ = make_federation(fake_grid_class, NODE_IDS)
     strategy = make_strategy()
-    strategy.discover_clients(grid)
+    strategy.discover(grid)
     roles = {c.partition_id: (c.role, c.expert) for c in strategy.clients.values()}
     assert roles[2] == ("anchor", 2)
     assert roles[5] == ("normal", -1)
@@ -121,8 +131,11 @@ def test_common_expert_is_sent_once_per_node(fake_grid_class):
     for client in clients.values():
         with_ce = [m for m in client.received if COMMON_EXPERT in m.content]
         assert len(with_ce) == 1
-        first_payload = next(m for m in client.received if m.content[CONFIG][TASK] != "role")
+        first_payload = next(m for m in client.received if m.metadata.message_type != ROLE_QUERY)
         assert COMMON_EXPERT in first_payload.content
+        # The client configuration too: once, with the first message that is not the role query.
+        with_config = [m for m in client.received if CLIENT_CONFIG in m.content]
+        assert with_config == [first_payload]
 
 
 def test_aggregation_is_per_expert_and_untrained_experts_are_unchanged(fake_grid_class):
@@ -184,11 +197,11 @@ class BadClient(ScriptedClient):
         self.bad_role, self.bad_scores = bad_role, bad_scores
 
     def __call__(self, message):
-        task = message.content[CONFIG][TASK]
-        if task == "role" and self.bad_role is not None:
+        kind = message.metadata.message_type
+        if kind == ROLE_QUERY and self.bad_role is not None:
             self.received.append(message)
             return Message(RecordDict({CONFIG: ConfigRecord({"partition-id": self.bad_role})}), reply_to=message)
-        if task == "route" and self.bad_scores is not None:
+        if kind == ROUTE_QUERY and self.bad_scores is not None:
             self.received.append(message)
             return Message(RecordDict({METRICS: MetricRecord({"gate-scores": self.bad_scores})}), reply_to=message)
         return super().__call__(message)
@@ -240,7 +253,10 @@ def _aggregate_in_order(fake_grid_class, order):
     """Train and evaluate replies of partitions 0..9, handed to the strategy in ``order``."""
     grid, _ = make_federation(fake_grid_class, NODE_IDS)
     strategy = make_strategy(anchors_per_round=M, normal_per_round=4)
-    sent = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+    strategy.discover(grid)
+    anchors, normals = strategy.sample(grid)
+    routing = strategy.route(grid, normals, 1, global_arrays())
+    sent = strategy.configure_train(1, global_arrays(), ConfigRecord(), anchors=anchors, routing=routing)
     by_pid = {strategy.clients[m.metadata.dst_node_id].partition_id: m for m in sent}
     assert sorted(by_pid) == list(range(8))
     train_replies = []
@@ -251,8 +267,7 @@ def _aggregate_in_order(fake_grid_class, order):
         train_replies.append(
             Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=by_pid[pid])
         )
-    arrays, train_metrics = strategy.aggregate_train(1, train_replies)
-    strategy.evaluated = {c.node_id for c in strategy.clients.values()}
+    arrays, train_metrics = strategy.aggregate_train(1, train_replies, sent=sent_arrays(sent), arrays=global_arrays())
     eval_replies = [
         Message(
             RecordDict({METRICS: MetricRecord({"zero-shot-acc": ORDER_SENSITIVE.get(pid, 0.0), "num-examples": 5})}),
@@ -260,7 +275,8 @@ def _aggregate_in_order(fake_grid_class, order):
         )
         for pid in order
     ]
-    return arrays, train_metrics, strategy.aggregate_evaluate(1, eval_replies)
+    evaluated = {c.node_id for c in strategy.clients.values()}
+    return arrays, train_metrics, strategy.aggregate_evaluate(1, eval_replies, evaluated=evaluated)
 
 
 @pytest.mark.parametrize("order", [[2, 0, 1, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 1, 0, 2]])
@@ -296,8 +312,9 @@ def test_adaptive_dispatch_sends_each_client_the_experts_its_mass_needs_and_coun
     }
     grid, clients = make_federation(fake_grid_class, range(100, 110), scores_of)
     strategy = make_strategy(top_k=3, min_top_k=1, dispatch_mass=0.8, anchors_per_round=0, normal_per_round=4)
-    strategy.arrays = global_arrays()
-    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+    strategy.num_rounds = 1
+    result = strategy.run_round(grid, 1, global_arrays())
+    messages = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     sent = {clients[m.metadata.dst_node_id].partition_id: m for m in messages}
     assert {pid: experts_in(m.content[ARRAYS]) for pid, m in sent.items()} == {
         4: [1],
@@ -308,4 +325,4 @@ def test_adaptive_dispatch_sends_each_client_the_experts_its_mass_needs_and_coun
     down = sum(r.count_bytes() for m in messages for r in m.content.array_records.values())
     gate = select(global_arrays(), ["gate."])
     routing = 4 * gate.count_bytes() + ArrayRecord({"w": Array(np.ones(1, np.float32))}).count_bytes() * 4
-    assert strategy.traffic.down == down + routing
+    assert result.train_metrics["bytes-down"] == down + routing
