@@ -378,6 +378,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="choose each method's batch size and learning rate (FedProx: and mu) on the validation split, "
         "then report every method at its own best setting and at the spec's setting",
     )
+    parser.add_argument(
+        "--tuned", default="", help="with --tune: a tuning.json (or results.json) whose grid runs to choose from"
+    )
     parser.add_argument("--out", default="", help="output folder (default outputs/benchmark-<time>)")
     parser.add_argument("--verbose", action="store_true", help="also show Flower's per-round logs")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (in-process engine; one core each)")
@@ -471,7 +474,7 @@ def best_settings(tuning: list[dict], methods: list[str]) -> dict[str, dict]:
     (ties: the first point of the grid)."""
     chosen = {}
     for method in methods:
-        points = tuning_points(method)
+        points = [r["setting"] for r in tuning if r["method"] == method and r["seed"] == tuning[0]["seed"]]
         scores = [
             np.mean([r["zero-shot-acc"] for r in tuning if r["method"] == method and r["setting"] == p]) for p in points
         ]
@@ -505,7 +508,12 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tuning = None
     if args.tune:
-        tuning = run_seeds(args, methods, seeds, {m: tuning_points(m) for m in methods}, "validation", "tune")
+        if args.tuned:  # the grid was already scored: choose from those runs
+            tuning = json.loads(Path(args.tuned).read_text())["tuning"]
+        else:
+            tuning = run_seeds(args, methods, seeds, {m: tuning_points(m) for m in methods}, "validation", "tune")
+            # Kept at once: a failure in the runs that follow loses none of the grid.
+            (out / "tuning.json").write_text(json.dumps({"tuning": tuning}, indent=2))
         chosen = best_settings(tuning, methods)
         results = run_seeds(args, methods, seeds, {m: [chosen[m]] for m in methods}, "test", "best")
         spec = {m: spec_setting(m, chosen[m]) for m in methods if spec_setting(m, chosen[m]) != chosen[m]}

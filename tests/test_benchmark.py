@@ -273,3 +273,16 @@ def test_tuning_chooses_on_the_validation_split_and_reports_best_and_spec(tmp_pa
         )
     table = (out / "table.md").read_text()
     assert "own best setting" in table and "spec's local training" in table and "validation split" in table
+    # The grid's runs are kept as soon as they end; --tuned chooses from them without re-running.
+    assert json.loads((out / "tuning.json").read_text())["tuning"] == tuning
+    monkeypatch.setattr(compare, "tuning_points", lambda method: pytest.fail("--tuned must not re-run the grid"))
+    again = tmp_path / "again"
+    main(
+        ["--tune", "--tuned", str(out / "tuning.json"), "--methods", "ddome,fedprox,common-expert"]
+        + ["--config-file", "configs/digits-tiny.yaml", "--run-config", "num-server-rounds=2"]
+        + [f"cache-dir={tmp_path}", "--out", str(again)]
+    )
+    rerun = json.loads((again / "results.json").read_text())["results"]
+    assert [(r["method"], r["setting"], r["zero-shot-acc"]) for r in rerun] == [
+        (r["method"], r["setting"], r["zero-shot-acc"]) for r in results
+    ]
