@@ -33,8 +33,9 @@ import multiprocessing
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,16 @@ from ddome_strategy.protocol import ARRAYS, CONFIG, METRICS, NodeSetup
 from ddome_strategy.roles import TEST, layout_roles, role_in_layout
 from ddome_strategy.strategy import DDOME, Exchange, Routing, evaluates
 from server_app.app import build_common_expert, build_moe, build_strategy
-from server_app.config import DEFAULTS, client_config, resolve
+from server_app.config import DEFAULTS, client_config, load_preset, resolve
 from server_app.inprocess import InProcessGrid
 
-METHODS = ("ddome", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
+METHODS = ("ddome", "ddome-paper", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
+# DDOME as the paper runs it (K = 2, top-1 of K, the spec's local training), beside the default.
+PAPER_PRESET = "configs/paper.yaml"
+# Methods run as they are, never tuned.
+UNTUNED = ("ddome-paper", "common-expert")
+# The options that make DDOME's default, recorded with every run.
+DDOME_OPTIONS = ("top-k", "top-k-min", "dispatch-mass", "zero-shot-rule", "dirichlet-anchors")
 ENGINES = ("inprocess", "simulation")
 
 # The same grid for every method (the gate's learning rate stays a tenth of the experts',
@@ -409,7 +416,7 @@ def resolve_config(args, seed: int, setting: dict | None = None) -> dict:
 def tuning_points(method: str) -> list[dict]:
     """The grid points of ``method``: ``TUNING_GRID`` (gate lr a tenth of lr), times
     ``FEDPROX_MUS`` for FedProx; the common expert alone has nothing to tune."""
-    if method == "common-expert":
+    if method in UNTUNED:
         return [{}]
     points = [
         {"batch-size": batch, "lr": lr, "gate-lr": lr / 10}
@@ -429,11 +436,14 @@ def setting_name(setting: dict) -> str:
 
 def run_one(args, seed: int, method: str, setting: dict, split: str, label: str) -> dict:
     """One method at one setting for one seed on ``split``, on a fresh federation."""
-    cfg = resolve_config(args, seed, {**setting, "evaluation-split": split})
+    preset = load_preset(PAPER_PRESET) if method == "ddome-paper" else {}
+    cfg = resolve_config(args, seed, {**preset, **setting, "evaluation-split": split})
     dataset, common, _ = build_common_expert(cfg)
     name = f"[{label} seed {seed}] {method} ({setting_name(setting)})"
     print(f"{name} ...", flush=True)
-    result = run_on_engine(args.engine, method, cfg, dataset, common, lambda line: None)
+    result = run_on_engine(args.engine, method.removesuffix("-paper"), cfg, dataset, common, lambda line: None)
+    result["method"] = method
+    result["ddome-options"] = {k: cfg[k] for k in DDOME_OPTIONS}
     trained_with = {k: cfg[k] for k in ("batch-size", "lr")} if method != "common-expert" else {}
     if method == "fedprox":
         trained_with["fedprox-mu"] = cfg["fedprox-mu"]
@@ -484,7 +494,7 @@ def best_settings(tuning: list[dict], methods: list[str]) -> dict[str, dict]:
 
 def spec_setting(method: str, chosen: dict) -> dict:
     """The spec's local training for ``method`` (FedProx keeps the mu ``chosen`` for it)."""
-    if method == "common-expert":
+    if method in UNTUNED:  # the paper preset already trains with the spec's setting
         return {}
     return {**SPEC_SETTING, **({"fedprox-mu": chosen["fedprox-mu"]} if method == "fedprox" else {})}
 
@@ -502,8 +512,25 @@ def main(argv=None) -> Path:
     if unknown:
         raise SystemExit(f"Unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
     seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.verbose:  # the benchmark prints one line per run; Flower's round logs would bury them
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    # The benchmark prints one line per run; Flower's round logs would bury them.
+    with flower_log_level(logging.INFO if args.verbose else logging.WARNING):
+        return benchmark(args, methods, seeds, argv)
+
+
+@contextmanager
+def flower_log_level(level: int) -> Iterator[None]:
+    """Flower's logger at ``level`` for a while, then as it was."""
+    logger = logging.getLogger("flwr")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def benchmark(args, methods: list[str], seeds: list[int], argv=None) -> Path:
+    """Run (and with ``--tune`` choose) every method for every seed; write the report."""
     out = Path(args.out or f"outputs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     tuning = None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.compare import METHODS, run_tasks
+from benchmarks.compare import METHODS, flower_log_level, run_tasks
 from benchmarks.compare import parse_args as compare_args
 from benchmarks.report import NAMES
 
@@ -101,7 +101,6 @@ def per_seed_table(results: list[dict], columns: list[str]) -> str:
 def main(argv=None) -> Path:
     """Run the matrix; write matrix.md and results.json."""
     args = parse_args(argv)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     columns = [c.strip() for c in args.settings.split(",") if c.strip()]
     unknown = sorted(set(columns) - set(SETTINGS))
     if unknown:
@@ -121,7 +120,8 @@ def main(argv=None) -> Path:
                 tasks.append((setting_args, seed, method, chosen.get(method, {}), "test", column))
                 columns_of.append(column)
     started = time.perf_counter()
-    results = run_tasks(tasks, args.jobs)
+    with flower_log_level(logging.WARNING):
+        results = run_tasks(tasks, args.jobs)
     for result, column in zip(results, columns_of):
         result["column"] = column
     command = " ".join(["python -m benchmarks.matrix", *(argv if argv is not None else sys.argv[1:])])

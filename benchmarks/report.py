@@ -19,6 +19,7 @@ from server_app.plots import plot_routing  # noqa: E402
 
 NAMES = {
     "ddome": "DDOME",
+    "ddome-paper": "DDOME, paper config",
     "fedavg": "FedAvg",
     "fedprox": "FedProx",
     "fedmix": "FedMix",
