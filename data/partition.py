@@ -88,6 +88,41 @@ def _seen(candidate: tuple[int, ...], taken: list[frozenset]) -> bool:
     return any(labels <= held for held in taken)
 
 
+# In Dirichlet mode a client "holds" a label for the unseen-combination rule when it has any
+# sample of it; where no combination is left unseen that way (large alpha: every client
+# holds nearly every label), when the label makes up at least this share of its samples.
+DOMINANT_SHARE = 0.05
+
+
+def _dominant_labels(train_labels: np.ndarray, train_indices: list[np.ndarray]) -> list[frozenset]:
+    """Each training client's labels that make up at least ``DOMINANT_SHARE`` of its samples."""
+    held = []
+    for idx in train_indices:
+        labels, counts = np.unique(train_labels[idx], return_counts=True)
+        held.append(frozenset(labels[counts >= DOMINANT_SHARE * max(len(idx), 1)].tolist()))
+    return held
+
+
+def _unseen_dirichlet_sets(
+    groups, taken, dominant, num_classes: int, labels_per_client: int, count: int, rng
+) -> list[tuple[int, ...]]:
+    """Dirichlet mode's test label sets: unions of anchor groups where they fit (as in
+    grouped mode), else any labels; unseen by every label a client holds or, where that
+    leaves too few (large alpha), by the labels that make up a real share of its data."""
+    per_client, rest = divmod(labels_per_client, len(groups[0]))
+    for held in (taken, dominant):
+        if not rest and per_client >= 2:
+            unseen = [s for s in _group_sets(groups, per_client, rng) if not _seen(s, held)]
+            if len(unseen) >= count:
+                return unseen[:count]
+        try:
+            return _unseen_free_sets(held, num_classes, labels_per_client, count, rng)
+        except ValueError:
+            if held is dominant:
+                raise
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
 def _unseen_free_sets(taken: list[frozenset], num_classes: int, size: int, count: int, rng) -> list[tuple[int, ...]]:
     """``count`` distinct label sets of ``size`` labels, none of them within a set of ``taken``."""
     sets: list[tuple[int, ...]] = []
@@ -282,13 +317,13 @@ def make_partition(
             client_labels.append(labels)
 
     taken = [frozenset(labels) for labels in client_labels]
-    if mode == "dirichlet" and labels_per_client % group_size == 0 and labels_per_client // group_size >= 2:
-        # As in grouped mode where it fits: unions of anchor groups no training client holds.
-        unseen = [s for s in _group_sets(groups, labels_per_client // group_size, rng) if not _seen(s, taken)]
-        if len(unseen) >= num_test_clients:
-            test_sets = unseen[:num_test_clients]
+    if mode == "dirichlet":
+        dominant = _dominant_labels(train_labels, train_indices)
+        test_sets = _unseen_dirichlet_sets(
+            groups, taken, dominant, num_classes, labels_per_client, num_test_clients, rng
+        )
     if test_sets is None:
-        # Free mode (and Dirichlet otherwise): any label sets no training client holds.
+        # Free mode: any label sets no training client holds.
         test_sets = _unseen_free_sets(taken, num_classes, labels_per_client, num_test_clients, rng)
 
     eval_indices = [_draw(test_pools, _even_counts(labels, eval_samples_per_client), rng) for labels in client_labels]

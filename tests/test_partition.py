@@ -235,3 +235,19 @@ def test_dirichlet_group_anchors_hold_their_own_group_and_normal_clients_stay_di
     ]
     assert np.mean(top_shares) > 0.5  # Dir(0.1) over 10 labels; 4 even labels would give 0.25
     assert any(len(literal.client_labels[i]) != 2 for i in range(literal.num_experts))
+
+
+def test_dirichlet_half_uses_the_labels_that_make_up_a_real_share_when_nothing_is_unseen_by_presence():
+    from data.partition import DOMINANT_SHARE
+
+    train = np.repeat(np.arange(CLASSES), 600)
+    kwargs = dict(num_classes=CLASSES, num_experts=5, num_train_clients=20, num_test_clients=5, labels_per_client=4)
+    p = make_partition(train, np.repeat(np.arange(CLASSES), 100), mode="dirichlet", dirichlet_alpha=0.5, **kwargs)
+    train_sets = [set(labels) for labels in p.client_labels[: p.num_train_clients]]
+    test_sets = p.client_labels[p.num_train_clients :]
+    # With alpha 0.5 nearly every client holds nearly every label: no 4-label set is unseen by presence...
+    assert all(any(set(labels) <= held for held in train_sets) for labels in test_sets)
+    for labels in test_sets:  # ...so no client may hold a real share of every label of a test client.
+        for idx in p.train_indices[: p.num_train_clients]:
+            counts = np.bincount(train[idx], minlength=CLASSES)
+            assert not all(counts[y] >= DOMINANT_SHARE * len(idx) for y in labels), labels
