@@ -484,6 +484,9 @@ def best_settings(tuning: list[dict], methods: list[str]) -> dict[str, dict]:
     (ties: the first point of the grid)."""
     chosen = {}
     for method in methods:
+        if method in UNTUNED:
+            chosen[method] = {}
+            continue
         points = [r["setting"] for r in tuning if r["method"] == method and r["seed"] == tuning[0]["seed"]]
         scores = [
             np.mean([r["zero-shot-acc"] for r in tuning if r["method"] == method and r["setting"] == p]) for p in points
