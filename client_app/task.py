@@ -17,6 +17,7 @@ from ddome_strategy.models import Classifier, build_gate, build_model, pick_devi
 from ddome_strategy.moe import (
     ZERO_SHOT_RULES,
     anchor_loss,
+    confident_predictions,
     fallback_predictions,
     mixture_loss,
     routing_error,
@@ -213,10 +214,10 @@ def evaluate_zero_shot(
     expert_logits = torch.stack([predict(experts[e], data.eval_x) for e in selected], dim=1)
     top1, mixture = zero_shot_predictions(gate_probs, expert_logits, selected)
     fallback = fallback_predictions(gate_probs, expert_logits, selected, common_expert_logits)
+    confident = confident_predictions(gate_probs, expert_logits, selected, common_expert_logits)
     y = data.eval_y
-    accuracy = {
-        name: float((pred == y).float().mean()) for name, pred in zip(ZERO_SHOT_RULES, (top1, mixture, fallback))
-    }
+    predictions = (top1, mixture, fallback, confident)
+    accuracy = {name: float((pred == y).float().mean()) for name, pred in zip(ZERO_SHOT_RULES, predictions)}
     return {
         "zero-shot-acc": accuracy[rule],
         **{f"{name}-acc": acc for name, acc in accuracy.items()},

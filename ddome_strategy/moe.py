@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 # How a new client predicts from the experts it was sent: the spec's top-1 of K, the
-# gate-weighted mixture of the K, or that mixture with the common expert standing in for
-# the experts it was not sent (see ``fallback_predictions``).
-ZERO_SHOT_RULES = ("top1", "mixture", "fallback")
+# gate-weighted mixture of the K, that mixture with the common expert standing in for the
+# experts it was not sent (``fallback_predictions``), or the mixture where the gate puts
+# most of a sample's mass on the sent experts and the common expert elsewhere
+# (``confident_predictions``).
+ZERO_SHOT_RULES = ("top1", "mixture", "fallback", "confident")
 
 
 def mixture_log_probs(gate_logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
@@ -115,6 +117,21 @@ def fallback_predictions(
     mixed = (weights.unsqueeze(2) * torch.softmax(expert_logits, dim=2)).sum(1)
     rest = (1 - weights.sum(1, keepdim=True)).clamp_min(0)
     return (mixed + rest * torch.softmax(common_logits, dim=1)).argmax(dim=1)
+
+
+def confident_predictions(
+    gate_probs: torch.Tensor,
+    expert_logits: torch.Tensor,
+    selected: list[int],
+    common_logits: torch.Tensor,
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """The sent experts' gated mixture for the samples on which the gate puts at least
+    ``threshold`` of its mass on them; the common expert for the others (their label
+    most likely belongs to an expert the client was not sent)."""
+    weights = gate_probs[:, selected]
+    mixture = mixture_log_probs(torch.log(weights.clamp_min(1e-12)), expert_logits).argmax(dim=1)
+    return torch.where(weights.sum(1) >= threshold, mixture, common_logits.argmax(dim=1))
 
 
 def routing_error(gate_probs: torch.Tensor, labels: torch.Tensor, label_to_expert: dict[int, int]) -> float:

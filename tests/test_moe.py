@@ -101,3 +101,13 @@ def test_fallback_gives_the_unsent_experts_mass_to_the_common_expert():
     # The spec's top-1 of K picks a sent expert even where the gate has little mass on it.
     top1, _ = zero_shot_predictions(gate, expert_logits, [0, 2])
     assert top1.tolist() == [0, 0, 1]
+
+
+def test_confident_rule_uses_the_sent_experts_where_the_gate_trusts_them_and_the_common_expert_elsewhere():
+    from ddome_strategy.moe import confident_predictions
+
+    expert_logits = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]] * 3)  # experts 0, 2 say 0 and 1
+    common_logits = torch.tensor([[0.0, 0.0, 5.0]] * 3)  # the common expert says 2
+    gate = torch.tensor([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.05, 0.4, 0.55]])
+    # Mass on the sent experts 0.95, 0.4 and 0.6: the mixture, the common expert, the mixture.
+    assert confident_predictions(gate, expert_logits, [0, 2], common_logits).tolist() == [0, 2, 1]
