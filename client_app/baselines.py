@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from client_app.task import _batches, expert_from, load_local_data, predict, settings
+from client_app.task import _batches, expert_from, node_data, node_seed, predict, settings
 from ddome_strategy.arrays import expert_prefix, experts_in, pack_part
 from ddome_strategy.models import pick_device
 from ddome_strategy.protocol import ARRAYS, METRICS
@@ -20,8 +20,7 @@ EVALUATE_ENSEMBLE = "evaluate.ensemble"
 
 def _data(message: Message, context: Context):
     cfg = settings(message, context)
-    data_root = str(context.node_config.get("data-root", cfg["data-root"]))
-    return cfg, load_local_data(cfg, int(context.node_config["partition-id"]), data_root)
+    return cfg, node_data(cfg, context)
 
 
 def train_single(message: Message, context: Context) -> Message:
@@ -33,7 +32,7 @@ def train_single(message: Message, context: Context) -> Message:
     global_params = [p.detach().clone() for p in model.parameters()]
     mu = float(cfg.get("proximal-mu", 0.0))
     optimizer = torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]), momentum=float(cfg["momentum"]))
-    seed = int(cfg["seed"]) * 100_003 + int(cfg["server-round"]) * 1009 + int(context.node_config["partition-id"])
+    seed = node_seed(cfg, context)
     losses = []
     for epoch in range(int(cfg["local-epochs"])):
         for idx in _batches(len(data.train_y), int(cfg["batch-size"]), seed + epoch):

@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
+from data.node_data import DataSpec, anchor_label_groups, load_node_data, spec_from_run_config
 from data.settings import load_partitioned, partition_settings
 from ddome_strategy.arrays import GATE_PREFIX, load_part
 from ddome_strategy.models import Classifier, build_gate, build_model, pick_device
@@ -85,6 +86,46 @@ def _local_data(dataset_name: str, data_root: str, settings: tuple, partition_id
         dataset.input_shape,
         dataset.num_classes,
         label_to_expert,
+    )
+
+
+def node_data(cfg, context: Context) -> LocalData:
+    """This node's data: its own folder (node config ``data-path``, a deployment), else
+    its partition of the simulation's dataset (node config ``partition-id``).
+
+    With ``data-path`` nothing outside that folder is read: the run config's ``data-root``,
+    if set, must name a folder inside it (:func:`data.node_data.resolve_node_path`
+    refuses anything else).
+    """
+    data_path = context.node_config.get("data-path")
+    if data_path is not None:
+        return load_own_data(cfg, str(data_path), str(cfg.get("data-root", "")))
+    data_root = str(context.node_config.get("data-root", cfg["data-root"]))
+    return load_local_data(cfg, int(context.node_config["partition-id"]), data_root)
+
+
+def node_seed(cfg, context: Context) -> int:
+    """Seed of this node's local shuffling in this round: from its ``partition-id`` (the
+    simulation's, reproducible), else from its node id (a deployed node may have none)."""
+    own = context.node_config.get("partition-id", context.node_id % 1_000_003)
+    return int(cfg["seed"]) * 100_003 + int(cfg["server-round"]) * 1009 + int(own)
+
+
+def load_own_data(cfg, data_path: str, subpath: str = "") -> LocalData:
+    """Load a node's own folder with the run's :class:`~data.node_data.DataSpec` (cached per process).
+
+    ``anchor-labels`` gives the routing error its label groups (else it is NaN).
+    """
+    spec = spec_from_run_config(cfg)
+    groups = anchor_label_groups(str(cfg.get("anchor-labels", "")), int(cfg["num-experts"]), spec.num_classes)
+    return _own_data(data_path, subpath, spec, tuple(sorted(groups.items())))
+
+
+@lru_cache(maxsize=8)
+def _own_data(data_path: str, subpath: str, spec: DataSpec, groups: tuple) -> LocalData:
+    node = load_node_data(data_path, spec, subpath=subpath)
+    return LocalData(
+        node.train_x, node.train_y, node.eval_x, node.eval_y, node.input_shape, node.num_classes, dict(groups)
     )
 
 

@@ -4,8 +4,9 @@
 writes ``DIR/node-<pid>/`` (only that partition's samples, in a layout
 :func:`data.node_data.load_node_data` reads), ``DIR/public/`` (the public split, for the
 server's common expert), ``DIR/nodes.json`` (each node's folder, role, expert and the
-``--node-config`` of its ``flower-supernode``) and ``DIR/run-config.json`` (the label space,
-input shape and normalisation every node must use).
+``--node-config`` of its ``flower-supernode``), ``DIR/run-config.json`` (the label space,
+input shape and normalisation every node must use) and ``DIR/run-config.toml`` (the
+``flwr run --run-config`` file of a deployment on these folders).
 
 Samples are stored as the dataset's integer pixels (recovered from the normalised tensors
 and checked), so a node loading its folder gets the simulation's tensors.
@@ -106,10 +107,49 @@ def _write_split(folder: Path, split: str, x: np.ndarray, y: np.ndarray, fmt: st
         Image.fromarray(array).save(folder / split / str(int(label)) / f"{i:0{width}d}.png")
 
 
-def node_config(path: Path, role: str, expert: int | None) -> str:
+def node_config(path: Path, role: str, expert: int | None, partition_id: int | None = None) -> str:
     """The ``--node-config`` value of a node's ``flower-supernode``."""
     config = f"data-path='{path}' role='{role}'"
-    return config + (f" expert={expert}" if expert is not None else "")
+    config += f" expert={expert}" if expert is not None else ""
+    return config + (f" partition-id={partition_id}" if partition_id is not None else "")
+
+
+# Run-config keys that name the exporting machine's files or the run's bookkeeping: a
+# deployment's run config leaves them to the submitter.
+NOT_EXPORTED = ("config-file", "data-root", "output-dir", "cache-dir", "resume", "verbose")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def deployment_run_config(cfg: Mapping, spec: DataSpec, plan: PartitionPlan, public: Path) -> dict:
+    """The run-config overrides of ``flwr run`` for an export: the partition's settings,
+    the DataSpec (``labels``, ``input-shape``, ``input-mean``, ``input-std``,
+    ``pixel-scale``), the anchors' label groups (``anchor-labels``, for the routing
+    error) and the public folder (``public-data-path``, on the SuperLink host)."""
+    values = {k: v for k, v in cfg.items() if k not in NOT_EXPORTED}
+    # repr of a float32 statistic is exact, so the nodes normalise as the simulation did.
+    values.update(
+        {
+            "labels": ",".join(spec.labels)
+            if spec.labels != tuple(map(str, range(spec.num_classes)))
+            else str(spec.num_classes),
+            "input-shape": ",".join(map(str, spec.input_shape or ())),
+            "input-mean": ",".join(repr(v) for v in spec.mean),
+            "input-std": ",".join(repr(v) for v in spec.std),
+            "pixel-scale": float(spec.pixel_scale),
+            "anchor-labels": ";".join(
+                ",".join(str(int(v)) for v in plan.client_labels[e]) for e in range(plan.num_experts)
+            ),
+            "public-data-path": str(public),
+        }
+    )
+    return values
 
 
 def export_partition(
@@ -164,7 +204,7 @@ def export_partition(
                 "labels": [int(v) for v in plan.client_labels[pid]],
                 "num-train": len(train_idx),
                 "num-eval": len(eval_idx),
-                "node-config": node_config(folder, role, expert),
+                "node-config": node_config(folder, role, expert, pid),
             }
         )
     public = out / "public"
@@ -182,6 +222,15 @@ def export_partition(
         "public": {"folder": public.name, "path": str(public), "num-train": len(plan.public_indices)},
         "run-config": dict(cfg),
     }
+    deployment = deployment_run_config(cfg, raw.spec, plan, public)
+    run_config["deployment-run-config"] = deployment
+    lines = [
+        f"# flwr run . <federation> --run-config {out / 'run-config.toml'}",
+        "# The run config of this export on node-local data (docs/deploy.md). public-data-path is the",
+        "# public folder on the SuperLink host: change it if you copy public/ elsewhere.",
+    ]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in deployment.items()]
+    (out / "run-config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "nodes.json").write_text(json.dumps(nodes, indent=2) + "\n", encoding="utf-8")
     (out / "run-config.json").write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
     return nodes
@@ -220,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     out = Path(args.out).expanduser().resolve()
-    print(f"{len(nodes)} node folders, public/, nodes.json and run-config.json written to {out}")
+    print(f"{len(nodes)} node folders, public/, nodes.json, run-config.json and run-config.toml written to {out}")
+    print(f"Submit with: flwr run . <federation> --run-config {out / 'run-config.toml'}")
     return 0
 
 

@@ -397,6 +397,20 @@ def detect_layout(folder: Path, shown: Path | None = None) -> str:
     return "imagefolder" if has_folders else "npz"
 
 
+def check_node_folder(data_root: str | Path, subpath: str | Path = "") -> str:
+    """The layout of a node's folder, checked without reading its samples (a node's
+    answer to the role query: a missing, empty or unrecognised folder is reported before
+    the first round).
+
+    Raises
+    ------
+    NodeDataError
+        As :func:`load_node_data` for a missing or empty folder or an unknown layout.
+    """
+    folder = resolve_node_path(data_root, subpath)
+    return detect_layout(folder, Path(data_root).expanduser() / subpath)
+
+
 def load_node_data(data_root: str | Path, spec: DataSpec, *, subpath: str | Path = "") -> NodeData:
     """Read one node's own data folder, normalised with the run's statistics.
 
@@ -438,3 +452,50 @@ def load_node_data(data_root: str | Path, spec: DataSpec, *, subpath: str | Path
     empty = (torch.zeros((0, *shape), dtype=torch.float32), torch.zeros(0, dtype=torch.long))
     (train_x, train_y), (eval_x, eval_y) = (splits.get(s, empty) for s in SPLITS)
     return NodeData(Path(folder), layout, train_x, train_y, eval_x, eval_y, spec.num_classes)
+
+
+def spec_from_run_config(cfg: Mapping) -> DataSpec:
+    """The :class:`DataSpec` of a run on node-local data, from its run config.
+
+    Keys ``labels`` (a number of classes or comma-separated class names), ``input-mean``
+    and ``input-std`` (comma-separated per-channel statistics), ``pixel-scale`` and
+    ``input-shape`` (``"C,H,W"``, optional). ``python -m data.export`` writes them.
+
+    Raises
+    ------
+    ValueError
+        One sentence naming the key that is missing or invalid.
+    """
+    missing = [k for k in ("labels", "input-mean", "input-std") if str(cfg.get(k, "")).strip() == ""]
+    if missing:
+        raise ValueError(
+            f"{missing[0]} is not set: a run on node-local data needs labels, input-mean and input-std "
+            "(python -m data.export writes them to run-config.toml)."
+        )
+    try:
+        return DataSpec.make(
+            cfg["labels"], cfg["input-mean"], cfg["input-std"], cfg.get("pixel-scale", 255.0), cfg.get("input-shape")
+        )
+    except ValueError as err:
+        raise ValueError(f"labels/input-shape/input-mean/input-std/pixel-scale: {err}") from err
+
+
+def anchor_label_groups(text: str, num_experts: int, num_classes: int | None = None) -> dict[int, int]:
+    """Label -> anchor expert from ``anchor-labels`` (``"0,9;2,8;..."``: expert ``i``'s labels).
+
+    Empty text gives an empty mapping (the routing error is then NaN).
+    """
+    if not str(text).strip():
+        return {}
+    groups = [g for g in str(text).replace(" ", "").split(";")]
+    if len(groups) != num_experts:
+        raise ValueError(f"anchor-labels has {len(groups)} groups, one per expert is needed ({num_experts}).")
+    mapping: dict[int, int] = {}
+    for expert, group in enumerate(groups):
+        for item in filter(None, group.split(",")):
+            if not item.isdigit() or (num_classes is not None and int(item) >= num_classes):
+                raise ValueError(f"anchor-labels: {item!r} is not a class index of the label space.")
+            if int(item) in mapping:
+                raise ValueError(f"anchor-labels: label {item} is in two groups.")
+            mapping[int(item)] = expert
+    return mapping

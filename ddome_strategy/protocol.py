@@ -7,7 +7,8 @@ by ``@app.query("route")`` and the like):
 =================  ==========================  =======================================
 message type       ClientApp handler           reply
 =================  ==========================  =======================================
-``query.role``     ``@app.query("role")``      ``config["partition-id"]``
+``query.role``     ``@app.query("role")``      ``config["role"]``, ``["expert"]``,
+                                               ``["partition-id"]`` (each if known)
 ``query.route``    ``@app.query("route")``     ``metrics["gate-scores"]``
 ``train``          ``@app.train()``            the received arrays trained + metrics
 ``evaluate``       ``@app.evaluate()``         zero-shot metrics

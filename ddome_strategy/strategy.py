@@ -65,9 +65,19 @@ POLL_INTERVAL = 0.01
 @dataclass
 class _Client:
     node_id: int
-    partition_id: int
+    partition_id: int | None  # None: a deployed node that declared only its role
     role: str
     expert: int
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Stable sort key: partition id, else (after those) node id."""
+        return (0, self.partition_id) if self.partition_id is not None else (1, self.node_id)
+
+    @property
+    def key(self) -> int:
+        """The client's name in ``last_routing``: its partition id, else its node id."""
+        return self.partition_id if self.partition_id is not None else self.node_id
 
 
 @dataclass
@@ -362,7 +372,7 @@ class DDOME(Strategy):
     def _with_role(self, grid: Grid, role: str) -> list[_Client]:
         live = set(grid.get_node_ids())
         found = [c for c in self.clients.values() if c.role == role and c.node_id in live]
-        return sorted(found, key=lambda c: c.partition_id)
+        return sorted(found, key=lambda c: c.order)
 
     def _sample(self, clients: list[_Client], count: int) -> list[_Client]:
         picked = self.rng.choice(len(clients), size=min(count, len(clients)), replace=False)
@@ -376,7 +386,7 @@ class DDOME(Strategy):
         """
         node = reply.metadata.src_node_id
         client = self.clients.get(node)
-        return (0, client.partition_id) if client is not None else (1, node)
+        return client.order if client is not None else (2, node)
 
     # ------------------------------------------------------------------ the run
     def start(  # type: ignore[override]  # pylint: disable=too-many-arguments
@@ -493,7 +503,7 @@ class DDOME(Strategy):
         RoundResult
             The new global arrays (``None`` if the round was skipped) and the metrics.
         """
-        # 1. Discover: ask nodes that connected since the last round for their partition id.
+        # 1. Discover: ask nodes that connected since the last round for their role.
         self.discover(grid)
         # 2. Route: sample anchors and normal clients; the normal ones score the experts
         #    with the gate (a query.route exchange) and each gets its top-K.
@@ -538,7 +548,7 @@ class DDOME(Strategy):
             return RoundResult(new_arrays, MetricRecord(train_metrics))
         eval_routing = self.route(grid, evaluated, server_round, arrays, phase="evaluation routing")
         self.last_routing = {
-            self.clients[n].partition_id: {
+            self.clients[n].key: {
                 "role": self.clients[n].role,
                 "expert": self.clients[n].expert,
                 "scores": eval_routing.scores[n],
@@ -558,8 +568,14 @@ class DDOME(Strategy):
 
     # ------------------------------------------------------------------ phases
     def discover(self, grid: Grid) -> None:
-        """Discover phase: ask every connected node we do not know yet for its
-        ``partition-id`` (a ``query.role`` message) and learn its role."""
+        """Discover phase: ask every connected node we do not know yet for its role (a
+        ``query.role`` message).
+
+        A deployed node declares its ``role`` (and ``expert`` for an anchor) from its node
+        config; a node that sends only its ``partition-id`` (the simulation) gets
+        ``role_of(partition-id)``. Invalid replies and error replies (a node whose data
+        folder cannot be read) are logged and the node is left out.
+        """
         deadline = time.monotonic() + self.timeout
         while len(node_ids := list(grid.get_node_ids())) < self.min_nodes:
             if time.monotonic() > deadline:
@@ -578,24 +594,35 @@ class DDOME(Strategy):
         queries = [Message(content=RecordDict(), dst_node_id=n, message_type=ROLE_QUERY) for n in unknown]
         for reply in self.exchange(grid, "role query", queries).replies:
             node = reply.metadata.src_node_id
-            config = reply.content.config_records.get(CONFIG, ConfigRecord())
-            pid = config.get("partition-id")
-            if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
-                log(WARNING, "role query: node %s sent an invalid partition-id %r; it is left out", node, pid)
+            client = self._client_of(node, reply.content.config_records.get(CONFIG, ConfigRecord()))
+            if isinstance(client, str):
+                log(WARNING, "role query: node %s %s; it is left out", node, client)
                 continue
-            role, expert = self.role_of(pid)
-            if role == ANCHOR and not 0 <= expert < self.num_experts:
-                log(
-                    WARNING,
-                    "role query: node %s claims anchor of expert %s of %d; it is left out",
-                    node,
-                    expert,
-                    self.num_experts,
-                )
-                continue
-            self.clients[node] = _Client(node, pid, role, expert)
+            self.clients[node] = client
         counts = {r: sum(c.role == r for c in self.clients.values()) for r in (ANCHOR, NORMAL, TEST)}
         log(INFO, "Clients: %d anchors, %d normal, %d unseen test", counts[ANCHOR], counts[NORMAL], counts[TEST])
+
+    def _client_of(self, node: int, config: ConfigRecord) -> _Client | str:
+        """The client a role reply describes, or why the reply is unusable."""
+        pid = config.get("partition-id")
+        valid_pid = not isinstance(pid, bool) and isinstance(pid, int) and pid >= 0
+        if "role" not in config:
+            if not valid_pid:
+                return f"sent an invalid partition-id {pid!r}"
+            role, expert = self.role_of(pid)
+        else:
+            if pid is not None and not valid_pid:
+                return f"sent an invalid partition-id {pid!r}"
+            role, expert = config["role"], config.get("expert", -1)
+            if role not in (ANCHOR, NORMAL, TEST):
+                return f"declares an unknown role {role!r} (expected {ANCHOR}, {NORMAL} or {TEST})"
+            if role != ANCHOR:
+                expert = -1
+            elif isinstance(expert, bool) or not isinstance(expert, int):
+                return f"declares role anchor with an invalid expert {expert!r}"
+        if role == ANCHOR and not 0 <= expert < self.num_experts:
+            return f"claims anchor of expert {expert} of {self.num_experts}"
+        return _Client(node, pid if valid_pid else None, role, expert)
 
     def sample(self, grid: Grid) -> tuple[list[_Client], list[_Client]]:
         """The round's anchors and normal clients, sampled (seeded, without replacement)

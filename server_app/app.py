@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 import yaml
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from data.node_data import NodeDataError, load_node_data, spec_from_run_config
 from data.settings import partitioned
 from ddome_strategy import DDOME, layout_roles, pack_moe
 from ddome_strategy.aggregation import check_update
 from ddome_strategy.common_expert import load_or_pretrain
 from ddome_strategy.models import build_gate, build_model
 from server_app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from server_app.config import ConfigError, client_config, resolve
+from server_app.config import ConfigError, client_config, node_local, resolve
 from server_app.logs import quiet_flower_rounds
 from server_app.plots import write_plots
 from server_app.results import RunWriter
@@ -28,20 +33,97 @@ from server_app.results import RunWriter
 app = ServerApp()
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What the server needs to build models without the dataset: one sample's shape and
+    the number of classes (the run's :class:`~data.node_data.DataSpec`)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
 def build_common_expert(cfg: dict):
-    """Load the data, partition it, and pretrain (or load) the common expert."""
+    """The common expert, and the input shape and classes the models are built for.
+
+    Simulation: load the dataset, partition it, pretrain on the public split (cached).
+    Node-local data (``public-data-path`` or ``common-expert-path``): the server never
+    opens the dataset or any client's data; see :func:`common_expert_on_node_local_data`.
+    """
+    if node_local(cfg):
+        return common_expert_on_node_local_data(cfg)
     dataset, plan = partitioned(cfg)
-    settings = {
-        "dataset": cfg["dataset"],
+    settings = _settings(cfg, cfg["dataset"])
+    common, accuracy, path = load_or_pretrain(settings, dataset, plan.public_indices, cfg["cache-dir"])
+    log(INFO, "Common expert: accuracy %.4f on the public validation slice (%s)", accuracy, path)
+    return dataset, common, accuracy
+
+
+def _settings(cfg: dict, dataset: str) -> dict:
+    return {
+        "dataset": dataset,
         "arch": cfg["arch"],
         "hidden": cfg["mlp-hidden"],
         "target_acc": cfg["common-expert-target-acc"],
         "max_epochs": cfg["common-expert-max-epochs"],
         "seed": cfg["seed"],
     }
-    common, accuracy, path = load_or_pretrain(settings, dataset, plan.public_indices, cfg["cache-dir"])
-    log(INFO, "Common expert: accuracy %.4f on the public validation slice (%s)", accuracy, path)
-    return dataset, common, accuracy
+
+
+def common_expert_on_node_local_data(cfg: dict):
+    """The common expert of a deployment, without the dataset.
+
+    ``public-data-path``: pretrain on that folder's samples (either layout, normalised
+    with the run's DataSpec), stopping early on a validation slice of them exactly as
+    :func:`~ddome_strategy.common_expert.load_or_pretrain` does in the simulation; the
+    cache key holds a hash of the samples. ``common-expert-path``: a ready checkpoint
+    (``torch.load(weights_only=True)``; a state dict, or ``{"state_dict": ..., "accuracy": ...}``
+    as the cache writes), checked against the configured architecture.
+
+    Returns
+    -------
+    tuple
+        ``(ModelShape, common expert, its public validation accuracy or NaN)``.
+    """
+    spec = spec_from_run_config(cfg)
+    if cfg["public-data-path"]:
+        try:
+            public = load_node_data(cfg["public-data-path"], spec)
+        except NodeDataError as err:
+            raise ConfigError(f"public-data-path: {err}") from err
+        # Public samples are the training split; an eval split there is public too.
+        x, y = torch.cat([public.train_x, public.eval_x]), torch.cat([public.train_y, public.eval_y])
+        if len(y) < 2:
+            raise ConfigError(f"public-data-path {cfg['public-data-path']!r} holds {len(y)} samples; it needs several.")
+        shape = ModelShape(tuple(x.shape[1:]), spec.num_classes)
+        digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+        dataset = SimpleNamespace(train_x=x, train_y=y, input_shape=shape.input_shape, num_classes=shape.num_classes)
+        settings = _settings(cfg, f"public:{digest}")
+        common, accuracy, path = load_or_pretrain(settings, dataset, np.arange(len(y)), cfg["cache-dir"])
+        log(INFO, "Common expert: accuracy %.4f on the public validation slice (%s)", accuracy, path)
+        return shape, common, accuracy
+    if spec.input_shape is None:
+        raise ConfigError("common-expert-path needs input-shape (e.g. '1,28,28') to build the architecture.")
+    shape = ModelShape(spec.input_shape, spec.num_classes)
+    path = Path(cfg["common-expert-path"]).expanduser()
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - unpickling refuses or fails in many ways
+        raise ConfigError(f"common-expert-path {str(path)!r} cannot be loaded safely ({err}).") from err
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"common-expert-path {str(path)!r} holds no state dict.")
+    torch.manual_seed(cfg["seed"])
+    common = build_model(cfg["arch"], shape.input_shape, shape.num_classes, cfg["mlp-hidden"])
+    try:
+        common.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(
+            f"common-expert-path {str(path)!r} does not fit arch={cfg['arch']!r} mlp-hidden={cfg['mlp-hidden']} "
+            f"input-shape={shape.input_shape} with {shape.num_classes} classes ({str(err).splitlines()[0]})."
+        ) from err
+    accuracy = checkpoint.get("accuracy", float("nan")) if "state_dict" in checkpoint else float("nan")
+    log(INFO, "Common expert: loaded %s", path)
+    return shape, common.eval(), float(accuracy)
 
 
 def build_moe(cfg: dict, dataset, common) -> ArrayRecord:

@@ -25,6 +25,14 @@ DEFAULTS: dict[str, Any] = {
     "config-file": "",
     "dataset": "fashion-mnist",
     "data-root": "",
+    "labels": "",
+    "input-shape": "",
+    "input-mean": "",
+    "input-std": "",
+    "pixel-scale": 255.0,
+    "anchor-labels": "",
+    "public-data-path": "",
+    "common-expert-path": "",
     "partition-mode": "grouped",
     "num-experts": 5,
     "top-k": 2,
@@ -194,6 +202,36 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"resume {cfg['resume']!r} does not exist.")
     if cfg["data-root"] and not Path(cfg["data-root"]).expanduser().exists():
         raise ConfigError(f"data-root {cfg['data-root']!r} does not exist.")
+    validate_deployment(cfg)
+
+
+def node_local(cfg: Mapping[str, Any]) -> bool:
+    """Whether the server runs without the dataset: the common expert comes from
+    ``public-data-path`` or ``common-expert-path``, the clients read their own folders."""
+    return bool(cfg["public-data-path"] or cfg["common-expert-path"])
+
+
+def validate_deployment(cfg: Mapping[str, Any]) -> None:
+    """Check the keys of a run on node-local data (docs/deploy.md)."""
+    from data.node_data import anchor_label_groups, spec_from_run_config
+
+    if cfg["public-data-path"] and cfg["common-expert-path"]:
+        raise ConfigError("set public-data-path or common-expert-path, not both.")
+    if cfg["public-data-path"] and not Path(cfg["public-data-path"]).expanduser().is_dir():
+        raise ConfigError(f"public-data-path {cfg['public-data-path']!r} is not a folder on the server.")
+    if cfg["common-expert-path"] and not Path(cfg["common-expert-path"]).expanduser().is_file():
+        raise ConfigError(f"common-expert-path {cfg['common-expert-path']!r} is not a file on the server.")
+    spec = None
+    if node_local(cfg) or cfg["labels"] or cfg["input-mean"] or cfg["input-std"] or cfg["input-shape"]:
+        try:
+            spec = spec_from_run_config(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    if cfg["anchor-labels"]:
+        try:
+            anchor_label_groups(cfg["anchor-labels"], cfg["num-experts"], spec.num_classes if spec else None)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +251,12 @@ def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "validation-fraction",
         "evaluation-split",
         "dirichlet-anchors",
+        "labels",
+        "input-shape",
+        "input-mean",
+        "input-std",
+        "pixel-scale",
+        "anchor-labels",
         "zero-shot-rule",
         "arch",
         "mlp-hidden",

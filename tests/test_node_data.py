@@ -64,8 +64,11 @@ def test_every_node_reads_back_its_simulated_partition(exported):
         role = plan.role(pid)
         expert = pid if role == "anchor" else None
         assert (node["role"], node["expert"]) == (role, expert)
-        assert node["node-config"] == f"data-path='{out / f'node-{pid}'}' role='{role}'" + (
-            f" expert={pid}" if expert is not None else ""
+        assert (
+            node["node-config"]
+            == f"data-path='{out / f'node-{pid}'}' role='{role}'"
+            + (f" expert={pid}" if expert is not None else "")
+            + f" partition-id={pid}"
         )
         loaded = load_node_data(node["path"], spec)
         assert loaded.layout == fmt
