@@ -85,6 +85,27 @@ def matrix_table(results: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rules_table(results: list[dict], columns: list[str]) -> str:
+    """DDOME's zero-shot accuracy under every prediction rule (each evaluation reports them
+    all): mean over seeds of the mean of the last 5 evaluations, per setting."""
+    from benchmarks.compare import summarise
+    from ddome_strategy.moe import ZERO_SHOT_RULES
+
+    lines = ["| DDOME's zero-shot rule | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for rule in ZERO_SHOT_RULES:
+        cells = []
+        for column in columns:
+            runs = [r for r in results if r["method"] == "ddome" and r["column"] == column]
+            curves = [
+                [{"round": h["round"], "test/zero-shot-acc": h.get(f"test/{rule}-acc")} for h in r["history"]]
+                for r in runs
+            ]
+            values = [summarise(c)["mean-last"] for c in curves]
+            cells.append(f"{100 * np.mean(values):.2f}" if values and None not in values else "n/a")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_seed_table(results: list[dict], columns: list[str]) -> str:
     """Per seed figures: ``seed: accuracy`` for every method and setting."""
     lines = ["| method | setting | per seed (mean of last 5 evals, %) | setting used |", "|---|---|---|---|"]
@@ -131,6 +152,8 @@ def main(argv=None) -> Path:
         f"Zero-shot accuracy on unseen clients (%), mean of the last 5 evaluations, mean ± spread over "
         f"seeds {args.seeds}, {args.rounds} rounds:\n\n"
         + matrix_table(results, columns)
+        + "\nDDOME under each zero-shot prediction rule (the same runs):\n\n"
+        + rules_table(results, columns)
         + "\nPer seed:\n\n"
         + per_seed_table(results, columns)
     )
