@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -101,10 +103,12 @@ def _load_fashion_mnist(root: str) -> ArrayDataset:
         target = DOWNLOAD_ROOT / "fashion-mnist" / key / name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial")
-            with gzip.open(source, "rb") as src, partial.open("wb") as dst:
+            # A private partial file per writer: parallel first runs (benchmark workers)
+            # each decompress and the atomic rename lets the last one win.
+            fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f"{name}.", suffix=".partial")
+            with gzip.open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            partial.replace(target)
+            os.replace(partial, target)
         return reader(str(target))
 
     images = [read(name, read_image_file) for name in FASHION_FILES[::2]]

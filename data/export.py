@@ -153,7 +153,11 @@ def deployment_run_config(cfg: Mapping, spec: DataSpec, plan: PartitionPlan, pub
 
 
 def export_partition(
-    cfg: Mapping, out: str | Path, fmt: str = "npz", data: tuple[ArrayDataset, PartitionPlan] | None = None
+    cfg: Mapping,
+    out: str | Path,
+    fmt: str = "npz",
+    data: tuple[ArrayDataset, PartitionPlan] | None = None,
+    server_public_path: str | None = None,
 ) -> list[dict]:
     """Write one folder per node, the public split, ``nodes.json`` and ``run-config.json``.
 
@@ -167,6 +171,9 @@ def export_partition(
         ``"npz"`` or ``"imagefolder"`` (PNG files).
     data : tuple, optional
         The dataset and plan of ``cfg`` (default: :func:`data.settings.partitioned`).
+    server_public_path : str, optional
+        Where ``public/`` will be on the SuperLink host (``public-data-path`` of
+        ``run-config.toml``; default: the exported folder itself).
 
     Returns
     -------
@@ -222,7 +229,7 @@ def export_partition(
         "public": {"folder": public.name, "path": str(public), "num-train": len(plan.public_indices)},
         "run-config": dict(cfg),
     }
-    deployment = deployment_run_config(cfg, raw.spec, plan, public)
+    deployment = deployment_run_config(cfg, raw.spec, plan, Path(server_public_path or public))
     run_config["deployment-run-config"] = deployment
     lines = [
         f"# flwr run . <federation> --run-config {out / 'run-config.toml'}",
@@ -255,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--format", choices=LAYOUTS, default="npz", help="node folder layout (default: npz)")
+    parser.add_argument(
+        "--server-public-path",
+        default=None,
+        help="where public/ will be on the SuperLink host (run-config.toml's public-data-path; default: OUT/public)",
+    )
     args = parser.parse_args(argv)
     explicit = {"config-file": args.config_file} if args.config_file else {}
     for item in args.run_config:
@@ -264,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         explicit[key.strip()] = _value(text.strip())
     try:
         cfg = resolve(explicit, explicit)
-        nodes = export_partition(cfg, args.out, args.format)
+        nodes = export_partition(cfg, args.out, args.format, server_public_path=args.server_public_path)
     except (ConfigError, ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1

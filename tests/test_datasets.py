@@ -60,6 +60,30 @@ def test_fashion_mnist_from_a_data_root(tmp_path, layout):
     assert dataset.train_y.tolist() == fake_images(40, (28, 28), seed=40)[1].tolist()
 
 
+IDX_KINDS = ("images-idx3-ubyte", "labels-idx1-ubyte")
+
+
+def test_parallel_first_loads_of_compressed_files_all_succeed(tmp_path, monkeypatch):
+    # Benchmark workers start together on a fresh machine: each decompresses the IDX files
+    # into the cache at once (a shared partial file made all but one of them fail).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data import datasets
+
+    for split, n in (("train", 40), ("t10k", 12)):
+        x, y = fake_images(n, (28, 28), seed=n)
+        write_idx(tmp_path / "root" / f"{split}-images-idx3-ubyte", x, compress=True)
+        write_idx(tmp_path / "root" / f"{split}-labels-idx1-ubyte", y, compress=True)
+    for attempt in range(5):  # a race: several fresh caches make a miss unlikely
+        cache = tmp_path / f"cache-{attempt}"
+        monkeypatch.setattr(datasets, "DOWNLOAD_ROOT", cache)
+        with ThreadPoolExecutor(8) as pool:
+            loaded = list(pool.map(lambda _: datasets._load_fashion_mnist(str(tmp_path / "root")), range(8)))
+        assert all(torch.equal(d.train_x, loaded[0].train_x) for d in loaded)
+        cached = sorted(p.name for p in cache.rglob("*") if p.is_file())
+        assert cached == sorted(f"{split}-{kind}" for split in ("train", "t10k") for kind in IDX_KINDS)
+
+
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_the_debian_package():
     check(load_dataset("fashion-mnist"), 60000, 10000, (1, 28, 28), 10)

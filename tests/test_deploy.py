@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -115,21 +116,39 @@ def test_compose_config_accepts_every_variant(variant: str) -> None:
     assert services["superlink"]["image"].startswith("flwr/superlink:1.41.0")
     supernodes = _supernodes(config)
     assert len(supernodes) >= 3
-    partition_ids, data_mounts = [], set()
+    partition_ids, data_mounts, roles = [], set(), []
     for name, svc in supernodes.items():
         command = _command(svc)
-        assert "--node-config" in command and "data-root='/data'" in command, name
+        # The node reads only data-path (its SuperExec's /data) and declares its role.
+        assert "--node-config" in command and "data-path='/data'" in command, name
+        assert "data-root" not in command, name
         assert "--isolation process" in command, name
         partition_ids.append(int(svc["environment"]["PARTITION_ID"]))
+        roles.append(svc["environment"]["NODE_ROLE"])
         # each SuperNode has a SuperExec that runs its ClientApps and holds its own data
         executor = services[f"superexec-clientapp-{partition_ids[-1]}"]
         assert f"{name}:9094" in _command(executor)
-        data = [str(v).split(":")[0] for v in executor["volumes"] if ":/data" in str(v)]
-        assert len(data) == 1, f"{name} has no data volume"
-        data_mounts.add(data[0])
+        mounts = [str(v) for v in executor["volumes"]]
+        assert len(mounts) == 1, f"{name}'s SuperExec must mount only its own folder: {mounts}"
+        source, target, mode = mounts[0].rsplit(":", 2)
+        assert (target, mode) == ("/data", "ro") and source.endswith(f"/node-{partition_ids[-1]}"), mounts
+        data_mounts.add(source)
     assert sorted(partition_ids) == list(range(len(supernodes)))
     assert len(data_mounts) == len(partition_ids), "every node needs its own data folder"
-    assert any("outputs" in str(v) for v in services["superexec-serverapp"]["volumes"])
+    # The export of num-experts=3, 4 training + 1 test clients: anchors 0-2, one normal, one test.
+    by_id = dict(zip(partition_ids, roles))
+    assert [by_id[i] for i in sorted(by_id)] == [
+        "role='anchor' expert=0",
+        "role='anchor' expert=1",
+        "role='anchor' expert=2",
+        "role='normal'",
+        "role='test'",
+    ]
+    server_volumes = [str(v) for v in services["superexec-serverapp"]["volumes"]]
+    assert any("outputs" in v for v in server_volumes)
+    # The ServerApp sees the public folder only, never a node's.
+    data_like = [v for v in server_volumes if not v.startswith(("outputs:", "cache:")) and "/app/certs/" not in v]
+    assert len(data_like) == 1 and data_like[0].endswith("/public:/public:ro"), server_volumes
 
     superlink = _command(services["superlink"])
     if "tls" in variant:
@@ -357,18 +376,48 @@ def test_make_certs_writes_ca_server_cert_and_keys(tmp_path: Path) -> None:
     assert again.returncode != 0
 
 
-def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Processes) -> None:
-    _require_binaries()
-    env = processes.env
+@dataclass
+class Federation:
+    """A running TLS + authenticated SuperLink and the flwr connection to it."""
 
-    # 1. certificates and one key pair per SuperNode, plus one that is never registered
+    address: str
+    certs: Path
+    superlink: subprocess.Popen
+    registered: set[str]
+
+    @property
+    def ca(self) -> Path:
+        return self.certs / "ca.crt"
+
+    def supernode_args(self, key: Path, node_config: str, *extra: str) -> list[str]:
+        """A ``flower-supernode`` with TLS, its own key and ``node_config``."""
+        return [
+            str(BIN_DIR / "flower-supernode"),
+            "--root-certificates",
+            str(self.ca),
+            "--auth-supernode-private-key",
+            str(key),
+            "--superlink",
+            self.address,
+            "--node-config",
+            node_config,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),  # its local Runtime API
+            *extra,
+        ]
+
+
+def start_federation(tmp_path: Path, processes: Processes, num_registered: int, num_keys: int) -> Federation:
+    """Certificates and ``num_keys`` SuperNode keys, a SuperLink with TLS and SuperNode
+    authentication, the ``ddome-test`` connection, and the first ``num_registered`` keys
+    registered."""
+    env = processes.env
+    # 1. certificates and one key pair per SuperNode (the last ones are never registered)
     certs = tmp_path / "certs"
     subprocess.run(
-        ["bash", str(MAKE_CERTS), str(certs), str(NUM_NODES + 1)],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
+        ["bash", str(MAKE_CERTS), str(certs), str(num_keys)], env=env, check=True, capture_output=True, timeout=120
     )
     ca = certs / "ca.crt"
 
@@ -411,66 +460,40 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
 
     _wait_for(_superlink_up, 60, "the SuperLink's Control API", processes)
 
-    # 4. register the SuperNodes' public keys (not the intruder's)
+    # 4. register the SuperNodes' public keys (not the intruders')
     registered: set[str] = set()
-    for i in range(NUM_NODES):
+    for i in range(num_registered):
         result = _flwr(
             env, "supernode", "register", str(certs / "keys" / f"supernode-{i}.pub"), "ddome-test", "--format", "json"
         )
         payload = _json_out(result)
         assert payload.get("success"), payload
         registered.add(str(payload["node-id"]))
-    assert len(registered) == NUM_NODES
+    assert len(registered) == num_registered
+    return Federation(address, certs, superlink, registered)
 
-    # 5. one SuperNode per partition, each with TLS and its own key
-    def supernode_args(i: int, key: Path, *extra: str) -> list[str]:
-        return [
-            str(BIN_DIR / "flower-supernode"),
-            "--root-certificates",
-            str(ca),
-            "--auth-supernode-private-key",
-            str(key),
-            "--superlink",
-            address,
-            "--node-config",
-            f"partition-id={i}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(_free_port()),  # its local Runtime API
-            *extra,
-        ]
 
-    for i in range(NUM_NODES):
-        processes.start(f"supernode-{i}", supernode_args(i, certs / "keys" / f"supernode-{i}"))
-    intruder = processes.start(
-        "supernode-unregistered", supernode_args(0, certs / "keys" / f"supernode-{NUM_NODES}", "--max-retries", "3")
-    )
+def wait_all_online(federation: Federation, processes: Processes) -> list[dict]:
+    """Wait until every registered SuperNode is online; the SuperLink's node list."""
 
     def _nodes() -> list[dict]:
-        result = _flwr(env, "supernode", "list", "ddome-test", "--format", "json")
+        result = _flwr(processes.env, "supernode", "list", "ddome-test", "--format", "json")
         payload = _json_out(result)
         return payload.get("nodes", []) if payload.get("success") else []
 
     def _all_online():
         nodes = _nodes()
         online = {n["node-id"] for n in nodes if n["status"] == "online"}
-        return nodes if online >= registered else None
+        return nodes if online >= federation.registered else None
 
-    nodes = _wait_for(_all_online, 90, f"{NUM_NODES} registered SuperNodes online", processes, interval=1.0)
+    count = len(federation.registered)
+    return _wait_for(_all_online, 90, f"{count} registered SuperNodes online", processes, interval=1.0)
 
-    # 6. the unregistered SuperNode is refused: it exits non-zero and never shows up
-    try:
-        intruder.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the unregistered SuperNode is still running\n{processes.log('supernode-unregistered')}")
-    assert intruder.returncode != 0, processes.log("supernode-unregistered")
-    assert {n["node-id"] for n in nodes} == registered
 
-    # 7. run DDOME on the federation
-    outputs, cache = tmp_path / "outputs", tmp_path / "cache"
-    run_config = f"{RUN_CONFIG} output-dir='{outputs}' cache-dir='{cache}'"
-    result = _flwr(env, "run", str(REPO), "ddome-test", "--run-config", run_config, "--format", "json", timeout=180)
+def run_to_completion(processes: Processes, run_config: list[str], outputs: Path) -> tuple[str, str]:
+    """``flwr run`` this repository, wait until it ends; its final status and the ServerApp's log."""
+    env = processes.env
+    result = _flwr(env, "run", str(REPO), "ddome-test", "--run-config", *run_config, "--format", "json", timeout=180)
     payload = _json_out(result)
     assert payload.get("success") and payload.get("run-id"), f"{payload}\n{processes.logs()}"
     run_id = payload["run-id"]
@@ -492,13 +515,16 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
                 break
         time.sleep(1.0)
     run_log = _flwr(env, "log", run_id, "ddome-test", "--show", timeout=60)
-    (processes.log_dir / "serverapp.log").write_text(run_log.stdout + run_log.stderr)
+    text = run_log.stdout + run_log.stderr
+    (processes.log_dir / "serverapp.log").write_text(text)
     assert status == "finished:completed", (
-        f"run {run_id} ended as {status!r} (timeout {RUN_TIMEOUT_S}s)\n--- flwr log\n"
-        f"{run_log.stdout[-6000:]}\n{processes.logs()}"
+        f"run {run_id} ended as {status!r} (timeout {RUN_TIMEOUT_S}s)\n--- flwr log\n{text[-6000:]}\n{processes.logs()}"
     )
+    return status, text
 
-    # 8. results: metrics for every round and the checkpoints
+
+def check_results(outputs: Path) -> Path:
+    """metrics for every round, the checkpoints and the summary; the run's folder."""
     metrics = sorted(outputs.rglob("metrics.jsonl"))
     assert len(metrics) == 1, f"no metrics.jsonl under {outputs}: {sorted(outputs.rglob('*'))}"
     run_dir = metrics[0].parent
@@ -509,8 +535,87 @@ def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Proc
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
     assert "moe.pt" in checkpoints and "common_expert.pt" in checkpoints, checkpoints
     assert (run_dir / "summary.json").is_file()
+    return run_dir
+
+
+def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Processes) -> None:
+    _require_binaries()
+    federation = start_federation(tmp_path, processes, NUM_NODES, NUM_NODES + 1)
+    keys = federation.certs / "keys"
+
+    # 5. one SuperNode per partition, each with TLS and its own key
+    for i in range(NUM_NODES):
+        processes.start(f"supernode-{i}", federation.supernode_args(keys / f"supernode-{i}", f"partition-id={i}"))
+    intruder = processes.start(
+        "supernode-unregistered",
+        federation.supernode_args(keys / f"supernode-{NUM_NODES}", "partition-id=0", "--max-retries", "3"),
+    )
+    nodes = wait_all_online(federation, processes)
+
+    # 6. the unregistered SuperNode is refused: it exits non-zero and never shows up
+    try:
+        intruder.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the unregistered SuperNode is still running\n{processes.log('supernode-unregistered')}")
+    assert intruder.returncode != 0, processes.log("supernode-unregistered")
+    assert {n["node-id"] for n in nodes} == federation.registered
+
+    # 7. run DDOME on the federation
+    outputs, cache = tmp_path / "outputs", tmp_path / "cache"
+    run_to_completion(processes, [f"{RUN_CONFIG} output-dir='{outputs}' cache-dir='{cache}'"], outputs)
+
+    # 8. results: metrics for every round and the checkpoints
+    check_results(outputs)
     assert any(cache.rglob("*")), "the common expert was not cached in cache-dir"
     # the SuperLink is still serving, and every registered SuperNode ran ClientApps
-    assert superlink.poll() is None
+    assert federation.superlink.poll() is None
+    for i in range(NUM_NODES):
+        assert "Receiving:" in processes.log(f"supernode-{i}", tail=10**7), f"supernode-{i} got no message"
+
+
+def test_tls_authenticated_deployment_on_node_local_folders(tmp_path: Path, processes: Processes) -> None:
+    """Issue 11 on real processes: ``python -m data.export`` writes one folder per node; each
+    SuperNode is started with only its own folder and declares its role (no partition id);
+    the ServerApp pretrains the common expert on public/ and never opens the dataset. One
+    extra, registered SuperNode holds a malformed folder: its error is logged and the run
+    completes without it."""
+    _require_binaries()
+    from data.export import main as export_main
+
+    # 0. the export: the same small setting as above
+    out = tmp_path / "export"
+    overrides = [item for item in RUN_CONFIG.split() if not item.startswith("num-server-rounds")]
+    assert export_main(["--out", str(out), "--run-config", f"num-server-rounds={ROUNDS}", *overrides]) == 0
+    nodes = json.loads((out / "nodes.json").read_text())
+    assert len(nodes) == NUM_NODES
+    broken = tmp_path / "broken-node"
+    broken.mkdir()
+    (broken / "notes.txt").write_text("not a data folder")
+
+    federation = start_federation(tmp_path, processes, NUM_NODES + 1, NUM_NODES + 1)
+    keys = federation.certs / "keys"
+    for i, node in enumerate(nodes):
+        # The node declares its role; its folder is all it holds.
+        declared = f"data-path='{node['path']}' role='{node['role']}'"
+        declared += f" expert={node['expert']}" if node["expert"] is not None else ""
+        processes.start(f"supernode-{i}", federation.supernode_args(keys / f"supernode-{i}", declared))
+    processes.start(
+        "supernode-broken",
+        federation.supernode_args(keys / f"supernode-{NUM_NODES}", f"data-path='{broken}' role='normal'"),
+    )
+    wait_all_online(federation, processes)
+
+    # The exported run config, plus where this run writes (the submitter's choice).
+    outputs, cache = tmp_path / "outputs", tmp_path / "cache"
+    run_config = tmp_path / "run.toml"
+    run_config.write_text((out / "run-config.toml").read_text() + f"output-dir = '{outputs}'\ncache-dir = '{cache}'\n")
+    _, log = run_to_completion(processes, [str(run_config)], outputs)
+
+    run_dir = check_results(outputs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["zero-shot-acc"] is not None and 0 <= summary["zero-shot-acc"] <= 1
+    assert summary["routing-error"] is not None  # anchor-labels came with the run config
+    assert "Clients: 3 anchors, 1 normal, 1 unseen test" in log, log[-4000:]
+    assert f"node {broken}: no recognised layout" in log, log[-4000:]
     for i in range(NUM_NODES):
         assert "Receiving:" in processes.log(f"supernode-{i}", tail=10**7), f"supernode-{i} got no message"

@@ -64,7 +64,9 @@ def test_ddome_run_gives_the_recorded_figures(tmp_path):
         assert summary[key] == value, key
     rows = [json.loads(line) for line in (Path(summary["output"]) / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row["stage"] == "train"]
-    assert [row["train-loss"] for row in train] == RECORDED_TRAIN_LOSS
+    # Losses are float sums whose last bits follow the CPU's vector code path (they moved by
+    # 3e-9 between two CI machines); accuracies are counts and stay exact.
+    assert [row["train-loss"] for row in train] == pytest.approx(RECORDED_TRAIN_LOSS, rel=1e-6)
     assert [row["bytes-total"] for row in train] == RECORDED_BYTES_TOTAL
 
 
