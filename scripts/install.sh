@@ -10,7 +10,8 @@ if command -v apt-get >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "== system packages: dataset-fashion-mnist docker-compose openssl (apt)"
-  if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+  # NEEDRESTART_SUSPEND: Ubuntu's needrestart hook has nothing to restart here and only adds noise.
+  if ! { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get install -y -qq \
       dataset-fashion-mnist docker-compose openssl >/dev/null; }; then
     echo "   apt could not install them: Fashion-MNIST will be downloaded, deployment tests skipped"
   fi
