@@ -21,7 +21,9 @@ experts sent every round, gate on the common-expert embedding, no anchors); Avg-
 the common expert alone. All start from the same initialisation (the experts'
 ``experts-init``; single-model methods from the first expert). Every method is evaluated on
 the same clients' held-out data and averaged over clients the same way; FedMix by the
-gated mixture of all M experts it was trained for, DDOME zero-shot by top-1 of its K.
+gated mixture of all M experts it was trained for, DDOME zero-shot by its
+``zero-shot-rule`` (default: the gated mixture of its K experts; the paper config: top-1
+of K), with every rule's accuracy recorded.
 """
 
 from __future__ import annotations

@@ -43,10 +43,10 @@ def test_matrix_writes_a_row_per_method_and_a_column_per_setting(tmp_path, monke
     ddome = next(r for r in results if r["method"] == "ddome" and r["column"] == "digits grouped")
     cell = next(r for r in body[:3] if "DDOME" in r).split("|")[2].strip()
     assert float(cell.split(" ± ")[0]) == pytest.approx(100 * ddome["zero-shot-acc"], abs=0.01)
-    # DDOME under every prediction rule: the configured one (top1) is the table's DDOME cell.
+    # DDOME under every prediction rule: the configured one (mixture) is the table's DDOME cell.
     rules = table.split("each zero-shot prediction rule")[1]
-    top1 = next(line for line in rules.splitlines() if line.startswith("| top1 |"))
-    assert top1.split("|")[2].strip() == cell.split(" ± ")[0]
-    assert all(f"| {rule} |" in rules for rule in ("mixture", "fallback", "confident"))
+    mixture = next(line for line in rules.splitlines() if line.startswith("| mixture |"))
+    assert mixture.split("|")[2].strip() == cell.split(" ± ")[0]
+    assert all(f"| {rule} |" in rules for rule in ("top1", "fallback", "confident"))
     # FedAvg runs at the setting its tuning chose, in every column.
     assert {r["trained-with"]["batch-size"] for r in results if r["method"] == "fedavg"} == {64}

@@ -54,6 +54,7 @@ def test_ddome_run_gives_the_recorded_figures(tmp_path):
     run_config = {
         **DEFAULTS,
         "config-file": "configs/digits-tiny.yaml",
+        "zero-shot-rule": "top1",  # the rule of the recorded code
         "num-server-rounds": 4,
         "eval-every": 2,
         "output-dir": str(tmp_path / "out"),

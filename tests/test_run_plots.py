@@ -28,6 +28,9 @@ def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path):
     run_dir = Path(summary["output"])
 
     saved = json.loads((run_dir / "summary.json").read_text())
+    # The headline is the configured rule's figure, the paper's top-1 of K beside it.
+    assert saved["zero-shot-rule"] == "mixture" and saved["zero-shot-acc"] == saved["mixture-acc"]
+    assert 0 <= saved["top1-acc"] <= 1
     assert saved["plots"] == {"accuracy": "accuracy.png", "routing": "routing.png", "bytes": "bytes.png"}
     for relative in saved["plots"].values():
         path = run_dir / relative
