@@ -7,10 +7,13 @@ gate and any subset of experts for a client, and merge per-expert results back.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord
-from torch import nn
+
+if TYPE_CHECKING:  # the strategy slices records without PyTorch; only these helpers take modules
+    import torch
+    from torch import nn
 
 GATE_PREFIX = "gate."
 
@@ -51,6 +54,8 @@ def load_part(module: nn.Module, record: ArrayRecord, prefix: str, assign: bool 
     ``assign=True`` makes the loaded tensors the module's own: for a module built on the
     ``meta`` device, which then never pays for a random initialisation.
     """
+    import torch  # here, not at the top: the strategy imports this module without PyTorch
+
     state = {k[len(prefix) :]: torch.from_numpy(v.numpy()) for k, v in record.items() if k.startswith(prefix)}
     module.load_state_dict(state, strict=True, assign=assign)
 

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from .aggregation import aggregate_moe, check_update
 from .arrays import experts_in, moe_prefixes, select
-from .moe import adaptive_experts
+from .dispatch import adaptive_experts
 from .protocol import (
     ARRAYS,
     CLIENT_CONFIG,
