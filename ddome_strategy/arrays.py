@@ -6,6 +6,7 @@ gate and any subset of experts for a client, and merge per-expert results back.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,19 @@ def experts_in(record: ArrayRecord) -> list[int]:
     """Indices of the experts present in ``record``, sorted."""
     found = {int(k.split(".")[1]) for k in record if k.startswith("expert.")}
     return sorted(found)
+
+
+def layout_error(record: ArrayRecord, num_experts: int) -> str | None:
+    """Why ``record`` is not a gate plus experts ``0..num_experts-1``, or ``None`` if it is."""
+    foreign = [k for k in record if not k.startswith(GATE_PREFIX) and not re.fullmatch(r"expert\.(0|[1-9]\d*)\..+", k)]
+    if foreign:
+        return f"has a key {foreign[0]!r} that is neither gate.<param> nor expert.<i>.<param>"
+    if not any(k.startswith(GATE_PREFIX) for k in record):
+        return f"has no gate (no {GATE_PREFIX}* key)"
+    found = experts_in(record)
+    if found != list(range(num_experts)):
+        return f"holds experts {found}, not experts 0..{num_experts - 1} (num_experts={num_experts})"
+    return None
 
 
 def load_part(module: nn.Module, record: ArrayRecord, prefix: str, assign: bool = False) -> None:

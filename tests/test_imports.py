@@ -1,6 +1,5 @@
-"""What the DDOME strategy refuses, tolerates and leaves as it found it: invalid
-settings and initial arrays, a failing ``role_of``, Flower's ``start`` signature, the
-grid's poll interval, and what importing the strategy loads."""
+"""What importing the strategy loads: a ServerApp that only runs DDOME needs neither
+PyTorch nor torchvision."""
 
 import subprocess
 import sys
