@@ -47,7 +47,7 @@ from data.settings import partitioned
 from ddome_strategy import DDOME, layout_roles
 from ddome_strategy.aggregation import aggregate_moe
 from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, load_part, pack_part
-from ddome_strategy.moe import top_k_experts
+from ddome_strategy.dispatch import top_k_experts
 from ddome_strategy.protocol import ARRAYS, CONFIG, METRICS, ROLE_QUERY, ROUTE_QUERY, NodeSetup
 from server_app.app import build_common_expert, build_moe, run_ddome
 from server_app.config import DEFAULTS, client_config, resolve

@@ -6,11 +6,15 @@ gate and any subset of experts for a client, and merge per-expert results back.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord
-from torch import nn
+
+if TYPE_CHECKING:  # the strategy slices records without PyTorch; only these helpers take modules
+    import torch
+    from torch import nn
 
 GATE_PREFIX = "gate."
 
@@ -45,12 +49,27 @@ def experts_in(record: ArrayRecord) -> list[int]:
     return sorted(found)
 
 
+def layout_error(record: ArrayRecord, num_experts: int) -> str | None:
+    """Why ``record`` is not a gate plus experts ``0..num_experts-1``, or ``None`` if it is."""
+    foreign = [k for k in record if not k.startswith(GATE_PREFIX) and not re.fullmatch(r"expert\.(0|[1-9]\d*)\..+", k)]
+    if foreign:
+        return f"has a key {foreign[0]!r} that is neither gate.<param> nor expert.<i>.<param>"
+    if not any(k.startswith(GATE_PREFIX) for k in record):
+        return f"has no gate (no {GATE_PREFIX}* key)"
+    found = experts_in(record)
+    if found != list(range(num_experts)):
+        return f"holds experts {found}, not experts 0..{num_experts - 1} (num_experts={num_experts})"
+    return None
+
+
 def load_part(module: nn.Module, record: ArrayRecord, prefix: str, assign: bool = False) -> None:
     """Load the ``prefix`` part of ``record`` into ``module`` (strict).
 
     ``assign=True`` makes the loaded tensors the module's own: for a module built on the
     ``meta`` device, which then never pays for a random initialisation.
     """
+    import torch  # here, not at the top: the strategy imports this module without PyTorch
+
     state = {k[len(prefix) :]: torch.from_numpy(v.numpy()) for k, v in record.items() if k.startswith(prefix)}
     module.load_state_dict(state, strict=True, assign=assign)
 

@@ -11,7 +11,6 @@ import math
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet34
 
 ARCHITECTURES = ("mlp", "cnn", "resnet18", "resnet34")
 
@@ -56,6 +55,9 @@ def _cnn_body(input_shape: tuple[int, ...], hidden: int) -> tuple[nn.Module, int
 
 
 def _resnet_body(input_shape: tuple[int, ...], depth: int) -> tuple[nn.Module, int]:
+    # torchvision only here: importing it costs seconds, and MLP/CNN runs never need it.
+    from torchvision.models import resnet18, resnet34
+
     net = (resnet18 if depth == 18 else resnet34)(weights=None)
     # The usual CIFAR adaptation: a 3x3 stem with stride 1 and no max-pool keeps
     # enough spatial resolution for 32x32 inputs.

@@ -1,8 +1,8 @@
-"""The mixture-of-experts maths of DDOME: losses, top-K routing, zero-shot prediction."""
+"""The mixture-of-experts maths of DDOME: losses and zero-shot prediction (top-K dispatch
+is :mod:`ddome_strategy.dispatch`)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,26 +54,6 @@ def anchor_loss(
     """
     target = torch.full_like(labels, expert_index)
     return F.cross_entropy(expert_logits, labels) + F.cross_entropy(gate_logits, target)
-
-
-def top_k_experts(scores: np.ndarray, k: int) -> list[int]:
-    """Indices of the ``k`` highest scores, best first (ties broken by index)."""
-    if not 0 < k <= len(scores):
-        raise ValueError(f"top-k must be in [1, {len(scores)}], got {k}.")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return [int(i) for i in order[:k]]
-
-
-def adaptive_experts(scores: np.ndarray, k_max: int, k_min: int, mass: float) -> list[int]:
-    """The fewest best-scored experts whose gate mass reaches ``mass``, between ``k_min``
-    and ``k_max`` (adaptive dispatch: a client whose data spans three anchor groups gets
-    three experts, one that spans two gets two); ``mass <= 0`` is plain top-``k_max``."""
-    ranked = top_k_experts(scores, k_max)
-    if mass <= 0:
-        return ranked
-    cumulative = np.cumsum(np.asarray(scores, dtype=np.float64)[ranked])
-    needed = int(np.searchsorted(cumulative, mass - 1e-12)) + 1
-    return ranked[: min(k_max, max(k_min, needed))]
 
 
 def zero_shot_predictions(

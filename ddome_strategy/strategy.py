@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import numbers
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -16,8 +18,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from .aggregation import aggregate_moe, check_update
-from .arrays import experts_in, moe_prefixes, select
-from .moe import adaptive_experts
+from .arrays import experts_in, layout_error, moe_prefixes, select
+from .dispatch import adaptive_experts
 from .protocol import (
     ARRAYS,
     CLIENT_CONFIG,
@@ -145,10 +147,33 @@ def _scalar(value: object) -> float:
     return float(value) if np.isfinite(value) else float("nan")
 
 
-def _log_missing(phase: str, asked: set[int], replies: list[Message]) -> None:
-    missing = sorted(asked - {r.metadata.src_node_id for r in replies})
-    if missing:
-        log(WARNING, "%s: no reply from nodes %s (dropped out or timed out); they are left out", phase, missing)
+def _check_count(name: str, value: object, low: int, high: int | None = None, high_name: str = "") -> None:
+    """Refuse ``value`` unless it is an integer in ``[low, high]`` (``high_name=high`` in the message)."""
+    valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not valid or value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high_name}={high}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}.")
+
+
+def _check_timeout(value: object) -> None:
+    """Refuse a ``timeout`` that is not a positive number of seconds (``inf``: wait for ever)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {value!r}.")
+
+
+@contextmanager
+def _polling_every(grid: Grid, interval: float) -> Iterator[None]:
+    """Poll a grid that polls (Flower's simulation grid) for replies every ``interval``
+    seconds inside the block, and give it back its own interval after it."""
+    original = getattr(grid, "pull_interval", None)
+    if not isinstance(original, float) or original <= interval:
+        yield
+        return
+    grid.pull_interval = interval
+    try:
+        yield
+    finally:
+        grid.pull_interval = original
 
 
 def gate_scores(content: RecordDict, num_experts: int) -> np.ndarray | str:
@@ -229,6 +254,14 @@ class DDOME(Strategy):
     on_metrics : Callable, optional
         Called as ``on_metrics(server_round, stage, metrics, arrays)`` after every
         aggregation, ``stage`` being ``"train"`` or ``"evaluate"``.
+
+    Raises
+    ------
+    ValueError
+        If a setting cannot work: a count out of its range (``top_k`` and ``min_top_k``
+        must be in ``1..num_experts``, ``eval_every`` at least 1, per-round counts
+        non-negative and not both 0), ``dispatch_mass`` outside ``[0, 1]``, a timeout
+        that is not positive, or a ``client_config`` that sets a per-round key.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -252,8 +285,22 @@ class DDOME(Strategy):
         seed: int = 0,
         on_metrics: Callable[[int, str, dict, ArrayRecord], None] | None = None,
     ) -> None:
-        if not 0 < top_k <= num_experts:
-            raise ValueError(f"top-k must be in [1, num-experts={num_experts}].")
+        # Refuse now what would fail, or silently do nothing, rounds into the run.
+        _check_count("num_experts", num_experts, 1)
+        _check_count("top_k", top_k, 1, num_experts, "num_experts")
+        _check_count("min_top_k", min_top_k, 1, num_experts, "num_experts")
+        valid_mass = isinstance(dispatch_mass, numbers.Real) and not isinstance(dispatch_mass, bool)
+        if not valid_mass or not 0 <= dispatch_mass <= 1:  # NaN too
+            raise ValueError(f"dispatch_mass must be in [0, 1] (0: always top_k experts), got {dispatch_mass!r}.")
+        _check_count("anchors_per_round", anchors_per_round, 0)
+        _check_count("normal_per_round", normal_per_round, 0)
+        if anchors_per_round + normal_per_round == 0:
+            raise ValueError("anchors_per_round + normal_per_round must be at least 1: no round would train a client.")
+        _check_count("eval_every", eval_every, 1)
+        _check_count("eval_last", eval_last, 0)
+        _check_count("min_train_replies", min_train_replies, 0)
+        _check_count("min_nodes", min_nodes, 0)
+        _check_timeout(timeout)
         self.num_experts = num_experts
         self.role_of = role_of
         self.top_k = top_k
@@ -311,6 +358,32 @@ class DDOME(Strategy):
         left = round(per_round * (self.num_rounds - server_round))
         return f"{per_round:.1f} s/round, ETA {left // 60}m{left % 60:02d}s"
 
+    def _known_as(self, node: int) -> str:
+        """How the log names ``node`` beside its node id: its role and partition id
+        (empty while its role is unknown)."""
+        client = self.clients.get(node)
+        if client is None:
+            return ""
+        role = f"anchor of expert {client.expert}" if client.role == ANCHOR else client.role
+        return role if client.partition_id is None else f"{role}, partition-id {client.partition_id}"
+
+    def _tag(self, node: int) -> str:
+        """`` [<role>, partition-id <i>]`` to end a log line about ``node``, if known."""
+        known = self._known_as(node)
+        return f" [{known}]" if known else ""
+
+    def _log_missing(self, phase: str, asked: set[int], replies: list[Message]) -> None:
+        missing = sorted(asked - {r.metadata.src_node_id for r in replies})
+        if missing:
+            known = "; ".join(f"{n}: {self._known_as(n)}" for n in missing if self._known_as(n))
+            log(
+                WARNING,
+                "%s: no reply from nodes %s (dropped out or timed out); they are left out%s",
+                phase,
+                missing,
+                f" [{known}]" if known else "",
+            )
+
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this strategy exactly.
 
@@ -351,17 +424,14 @@ class DDOME(Strategy):
         if not messages:
             return Exchange()
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        _log_missing(phase, {m.metadata.dst_node_id for m in messages}, replies)
+        self._log_missing(phase, {m.metadata.dst_node_id for m in messages}, replies)
         good = []
         for reply in replies:
             if reply.has_error():
-                self.setup.forget(reply.metadata.src_node_id)
+                node = reply.metadata.src_node_id
+                self.setup.forget(node)
                 log(
-                    WARNING,
-                    "%s: node %s replied with an error: %s",
-                    phase,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
+                    WARNING, "%s: node %s replied with an error: %s%s", phase, node, reply.error.reason, self._tag(node)
                 )
                 continue
             good.append(reply)
@@ -403,6 +473,11 @@ class DDOME(Strategy):
     ) -> Result:
         """Run rounds ``first_round..num_rounds`` with :meth:`run_round`.
 
+        The first seven parameters are those of Flower's :meth:`Strategy.start`, in its
+        order. While the rounds run, a grid that polls for replies (Flower's simulation
+        grid) polls every ``POLL_INTERVAL`` seconds; its own ``pull_interval`` is back
+        when this returns or raises.
+
         Parameters
         ----------
         grid : Grid
@@ -412,7 +487,7 @@ class DDOME(Strategy):
         num_rounds : int (default: 3)
             The run's last round.
         timeout : float, optional
-            Replaces the constructor's ``timeout`` (seconds per phase).
+            Replaces the constructor's ``timeout`` (seconds per phase); ``None`` keeps it.
         train_config, evaluate_config : ConfigRecord, optional
             Extra per-round entries of every training / evaluation message.
         evaluate_fn : Callable, optional
@@ -427,14 +502,23 @@ class DDOME(Strategy):
         -------
         Result
             Flower's result; its rounds count from 1 (callbacks see the true numbers).
+
+        Raises
+        ------
+        ValueError
+            If ``initial_arrays`` is not a gate plus experts ``0..num_experts-1``, or
+            ``timeout`` or ``first_round`` is impossible.
         """
+        reason = layout_error(initial_arrays, self.num_experts)
+        if reason:
+            raise ValueError(f"initial_arrays {reason}.")
+        _check_count("first_round", first_round, 1)
+        if timeout is not None:
+            _check_timeout(timeout)
+            self.timeout = timeout
         self.round_offset = first_round - 1
         self.num_rounds = num_rounds
         self.started = time.monotonic()
-        if timeout is not None:
-            self.timeout = timeout
-        if isinstance(getattr(grid, "pull_interval", None), float) and grid.pull_interval > POLL_INTERVAL:
-            grid.pull_interval = POLL_INTERVAL  # 20% less time per simulated round, docs/performance.md
         # The log lines of Flower's Strategy.start, so that its log filters apply alike.
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
         log_strategy_start_info(num_rounds - self.round_offset, initial_arrays, train_config, evaluate_config)
@@ -448,24 +532,26 @@ class DDOME(Strategy):
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
         self.arrays = initial_arrays
-        for server_round in range(first_round, num_rounds + 1):
-            count = server_round - self.round_offset  # Flower's Result counts from 1
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", count, num_rounds - self.round_offset)
-            outcome = self.run_round(grid, server_round, self.arrays, train_config, evaluate_config)
-            if outcome.arrays is not None:
-                result.arrays = self.arrays = outcome.arrays
-            log(INFO, "\t└──> Aggregated MetricRecord: %s", outcome.train_metrics)
-            result.train_metrics_clientapp[count] = outcome.train_metrics
-            if outcome.evaluate_metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", outcome.evaluate_metrics)
-                result.evaluate_metrics_clientapp[count] = outcome.evaluate_metrics
-            if evaluate_fn:
-                log(INFO, "Global evaluation")
-                res = evaluate_fn(server_round, self.arrays)
-                log(INFO, "\t└──> MetricRecord: %s", res)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[count] = res
+        # 20% less time per simulated round (docs/performance.md), for this run only.
+        with _polling_every(grid, POLL_INTERVAL):
+            for server_round in range(first_round, num_rounds + 1):
+                count = server_round - self.round_offset  # Flower's Result counts from 1
+                log(INFO, "")
+                log(INFO, "[ROUND %s/%s]", count, num_rounds - self.round_offset)
+                outcome = self.run_round(grid, server_round, self.arrays, train_config, evaluate_config)
+                if outcome.arrays is not None:
+                    result.arrays = self.arrays = outcome.arrays
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", outcome.train_metrics)
+                result.train_metrics_clientapp[count] = outcome.train_metrics
+                if outcome.evaluate_metrics is not None:
+                    log(INFO, "\t└──> Aggregated MetricRecord: %s", outcome.evaluate_metrics)
+                    result.evaluate_metrics_clientapp[count] = outcome.evaluate_metrics
+                if evaluate_fn:
+                    log(INFO, "Global evaluation")
+                    res = evaluate_fn(server_round, self.arrays)
+                    log(INFO, "\t└──> MetricRecord: %s", res)
+                    if res is not None:
+                        result.evaluate_metrics_serverapp[count] = res
         log(INFO, "")
         log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
         log(INFO, "")
@@ -609,7 +695,12 @@ class DDOME(Strategy):
         if "role" not in config:
             if not valid_pid:
                 return f"sent an invalid partition-id {pid!r}"
-            role, expert = self.role_of(pid)
+            try:
+                role, expert = self.role_of(pid)
+            except Exception as err:  # pylint: disable=broad-except  # one bad node must not end the run
+                return f"has partition-id {pid} for which role_of raised {err!r}"
+            if role not in (ANCHOR, NORMAL, TEST) or isinstance(expert, bool) or not isinstance(expert, int):
+                return f"has partition-id {pid} for which role_of returned {(role, expert)!r}"
         else:
             if pid is not None and not valid_pid:
                 return f"sent an invalid partition-id {pid!r}"
@@ -663,11 +754,18 @@ class DDOME(Strategy):
         for reply in exchange.replies:
             node = reply.metadata.src_node_id
             if node not in asked or node in routing.experts:
-                log(WARNING, "%s: node %s sent a reply it was not asked for; ignored", phase, node)
+                log(WARNING, "%s: node %s sent a reply it was not asked for; ignored%s", phase, node, self._tag(node))
                 continue
             scores = gate_scores(reply.content, self.num_experts)
             if isinstance(scores, str):
-                log(WARNING, "%s: node %s sent invalid gate scores (%s); it is left out", phase, node, scores)
+                log(
+                    WARNING,
+                    "%s: node %s sent invalid gate scores (%s); it is left out%s",
+                    phase,
+                    node,
+                    scores,
+                    self._tag(node),
+                )
                 continue
             routing.experts[node] = adaptive_experts(scores, self.top_k, self.min_top_k, self.dispatch_mass)
             routing.scores[node] = scores.tolist()
@@ -752,10 +850,10 @@ class DDOME(Strategy):
         for reply in sorted(replies, key=self._reply_order):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "train: node %s replied with an error: %s", node, reply.error.reason)
+                log(WARNING, "train: node %s replied with an error: %s%s", node, reply.error.reason, self._tag(node))
                 continue
             if node not in sent or node in answered:
-                log(WARNING, "train: node %s sent an update it was not asked for; rejected", node)
+                log(WARNING, "train: node %s sent an update it was not asked for; rejected%s", node, self._tag(node))
                 continue
             answered.add(node)
             metrics = reply.content.metric_records.get(METRICS, MetricRecord())
@@ -763,7 +861,7 @@ class DDOME(Strategy):
             n = metrics.get("num-examples")
             reason = check_update(update, sent[node], n)
             if reason:
-                log(WARNING, "train: rejected the update of node %s: %s", node, reason)
+                log(WARNING, "train: rejected the update of node %s: %s%s", node, reason, self._tag(node))
                 continue
             updates.append((update, float(n)))
             if np.isfinite(loss := _scalar(metrics.get("train-loss"))):
@@ -859,12 +957,12 @@ class DDOME(Strategy):
         for reply in sorted(replies, key=self._reply_order):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "evaluate: node %s replied with an error: %s", node, reply.error.reason)
+                log(WARNING, "evaluate: node %s replied with an error: %s%s", node, reply.error.reason, self._tag(node))
                 continue
             client = self.clients.get(node)
             record = reply.content.metric_records.get(METRICS)
             if client is None or node not in evaluated or node in answered or record is None:
-                log(WARNING, "evaluate: ignored an unexpected or malformed reply of node %s", node)
+                log(WARNING, "evaluate: ignored an unexpected or malformed reply of node %s%s", node, self._tag(node))
                 continue
             answered.add(node)
             group = per_group.setdefault("test" if client.role == TEST else "train", {})

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ddome_strategy.dispatch import top_k_experts
 from ddome_strategy.moe import (
     anchor_loss,
     mixture_log_probs,
     mixture_loss,
     routing_error,
-    top_k_experts,
     zero_shot_predictions,
 )
 
@@ -73,7 +73,7 @@ def test_routing_error_counts_samples_sent_away_from_their_anchor_expert():
 
 
 def test_adaptive_dispatch_sends_the_fewest_experts_that_carry_the_gate_mass():
-    from ddome_strategy.moe import adaptive_experts
+    from ddome_strategy.dispatch import adaptive_experts
 
     scores = np.array([0.05, 0.40, 0.30, 0.20, 0.05])
     assert adaptive_experts(scores, 4, 1, 0.0) == [1, 2, 3, 0]  # off: plain top-K

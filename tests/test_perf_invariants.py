@@ -34,6 +34,9 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
     }
     grid = InProcessGrid(client_app, 13)
     grid.pull_interval = 0.1  # as Flower's simulation grid
+    polled_every = []
+    real_send = grid.send_and_receive
+    grid.send_and_receive = lambda *a, **kw: polled_every.append(grid.pull_interval) or real_send(*a, **kw)
     run_ddome(grid, config)
     # Each of the 13 clients embeds its training and its evaluation data exactly once,
     # although most of them took part in 6 training rounds and 3 evaluations.
@@ -43,8 +46,10 @@ def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch)
     assert settings.load_partitioned.cache_info().misses == 1
     assert task._local_data.cache_info().misses == 13
     assert task._local_data.cache_info().hits > 13
-    # Replies are polled for every 10 ms, not every 100 ms (two exchanges per round).
-    assert grid.pull_interval == 0.01
+    # Replies are polled for every 10 ms, not every 100 ms (two exchanges per round), and
+    # the grid gets its own interval back after the run.
+    assert set(polled_every) == {0.01}
+    assert grid.pull_interval == 0.1
 
 
 def test_simulation_grid_still_has_a_pull_interval():

@@ -1,8 +1,13 @@
 """The DDOME strategy against scripted clients: roles, routing, dispatch, aggregation."""
 
+import inspect
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import FLOWER_LOGGER
+from flwr.serverapp.strategy import Strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -185,7 +190,7 @@ def test_evaluation_reports_test_and_training_clients_separately(fake_grid_class
 
 
 def test_invalid_top_k_is_refused():
-    with pytest.raises(ValueError, match="top-k"):
+    with pytest.raises(ValueError, match="top_k"):
         DDOME(3, layout_roles(3, 5), top_k=4)
 
 
@@ -326,3 +331,147 @@ def test_adaptive_dispatch_sends_each_client_the_experts_its_mass_needs_and_coun
     gate = select(global_arrays(), ["gate."])
     routing = 4 * gate.count_bytes() + ArrayRecord({"w": Array(np.ones(1, np.float32))}).count_bytes() * 4
     assert result.train_metrics["bytes-down"] == down + routing
+
+
+# ---------------------------------------------------------------- what the strategy refuses
+
+
+@pytest.fixture
+def warnings_log():
+    """The WARNING messages logged to Flower's logger (the strategy logs there)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    FLOWER_LOGGER.addHandler(handler)
+    yield lambda: [r.getMessage() for r in records]
+    FLOWER_LOGGER.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("top_k", 0),
+        ("top_k", M + 1),
+        ("min_top_k", 0),
+        ("min_top_k", M + 1),
+        ("dispatch_mass", -0.1),
+        ("dispatch_mass", 1.5),
+        ("dispatch_mass", float("nan")),
+        ("anchors_per_round", -1),
+        ("normal_per_round", -2),
+        ("normal_per_round", 2.5),
+        ("eval_every", 0),
+        ("eval_last", -1),
+        ("min_train_replies", -1),
+        ("min_nodes", -1),
+        ("timeout", 0.0),
+        ("timeout", float("nan")),
+    ],
+)
+def test_impossible_settings_are_refused_at_construction(option, value):
+    with pytest.raises(ValueError, match=rf"^{option} must be"):
+        make_strategy(**{option: value})
+
+
+def test_no_experts_or_no_client_per_round_is_refused():
+    with pytest.raises(ValueError, match="^num_experts must be"):
+        DDOME(0, layout_roles(0, 8))
+    with pytest.raises(ValueError, match=r"^anchors_per_round \+ normal_per_round must be at least 1"):
+        make_strategy(anchors_per_round=0, normal_per_round=0)
+
+
+def _without(record, prefix):
+    return ArrayRecord({k: v for k, v in record.items() if not k.startswith(prefix)})
+
+
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [
+        (_without(global_arrays(), "expert.3."), r"holds experts \[0, 1, 2\], not experts 0..3"),
+        (_without(global_arrays(), "gate."), "has no gate"),
+        (
+            ArrayRecord({**global_arrays(), "expert.4.w": Array(np.ones(2, np.float32))}),
+            r"holds experts \[0, 1, 2, 3, 4\]",
+        ),
+        (
+            ArrayRecord({**global_arrays(), "head.w": Array(np.ones(2, np.float32))}),
+            "has a key 'head.w' that is neither",
+        ),
+    ],
+)
+def test_initial_arrays_that_are_not_a_gate_and_num_experts_experts_are_refused(fake_grid_class, arrays, reason):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    with pytest.raises(ValueError, match=f"^initial_arrays {reason}"):
+        make_strategy().start(grid, arrays, num_rounds=1)
+    assert grid.sent == []  # refused before any message
+
+
+def test_start_refuses_an_impossible_timeout_or_first_round(fake_grid_class):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    with pytest.raises(ValueError, match="^timeout must be"):
+        make_strategy().start(grid, global_arrays(), 1, -5.0)
+    with pytest.raises(ValueError, match="^first_round must be"):
+        make_strategy().start(grid, global_arrays(), 1, first_round=0)
+
+
+def test_a_node_whose_role_of_raises_is_left_out_with_a_logged_reason(fake_grid_class, warnings_log):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    layout = layout_roles(M, 8)
+
+    def role_of(partition_id):
+        if partition_id == 5:
+            raise KeyError("no role for partition 5")
+        return layout(partition_id)
+
+    strategy = DDOME(M, role_of, top_k=K, anchors_per_round=2, normal_per_round=3)
+    result = strategy.start(grid, global_arrays(), num_rounds=1)
+    assert NODE_IDS[5] not in strategy.clients and len(strategy.clients) == 9
+    assert result.train_metrics_clientapp[1]["num-replies"] == 5
+    (line,) = [m for m in warnings_log() if "role_of" in m]
+    assert f"node {NODE_IDS[5]} " in line and "KeyError('no role for partition 5')" in line and "left out" in line
+
+
+def test_warnings_about_a_node_name_its_role_and_partition_id(fake_grid_class, warnings_log):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS, failing={4, 5, 6, 7})  # normal clients send NaNs
+    silent = NODE_IDS[2]
+    grid.handlers[silent] = lambda m: None if m.metadata.message_type == MessageType.TRAIN else ScriptedClient(2)(m)
+    real_send = grid.send_and_receive
+    grid.send_and_receive = lambda messages, timeout=None: [r for r in real_send(messages, timeout=timeout) if r]
+    make_strategy(anchors_per_round=M, normal_per_round=4).start(grid, global_arrays(), num_rounds=1)
+    log = "\n".join(warnings_log())
+    assert f"train: no reply from nodes [{silent}] (dropped out or timed out); they are left out" in log
+    assert f"[{silent}: anchor of expert 2, partition-id 2]" in log
+    assert f"train: rejected the update of node {NODE_IDS[6]}: " in log
+    assert "[normal, partition-id 6]" in log
+
+
+def test_start_takes_flowers_positional_arguments_and_restores_the_poll_interval(fake_grid_class):
+    # Flower's Strategy.start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn).
+    flower = list(inspect.signature(Strategy.start).parameters)[1:]
+    assert list(inspect.signature(DDOME.start).parameters)[1 : len(flower) + 1] == flower
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    grid.pull_interval = 0.1  # as Flower's simulation grid
+    seen, evaluated = [], []
+    real_send = grid.send_and_receive
+    grid.send_and_receive = lambda messages, timeout=None: seen.append(grid.pull_interval) or real_send(messages)
+    strategy = make_strategy()
+    config = ConfigRecord({"lr-scale": 0.5})
+    result = strategy.start(grid, global_arrays(), 2, 30.0, config, None, lambda r, a: evaluated.append(r))
+    assert len(result.train_metrics_clientapp) == 2 and evaluated == [0, 1, 2] and strategy.timeout == 30.0
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert all(m.content[CONFIG]["lr-scale"] == 0.5 for m in train)
+    assert set(seen) == {0.01}  # polled often while the rounds ran
+    assert grid.pull_interval == 0.1  # and the caller's grid is as it was
+
+
+def test_the_poll_interval_is_restored_when_a_round_raises(fake_grid_class):
+    grid, _ = make_federation(fake_grid_class, NODE_IDS)
+    grid.pull_interval = 0.1
+
+    def broken(messages, timeout=None):
+        raise RuntimeError("link down")
+
+    grid.send_and_receive = broken
+    with pytest.raises(RuntimeError, match="link down"):
+        make_strategy().start(grid, global_arrays(), num_rounds=1)
+    assert grid.pull_interval == 0.1
