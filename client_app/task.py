@@ -24,7 +24,7 @@ from ddome_strategy.moe import (
     routing_error,
     zero_shot_predictions,
 )
-from ddome_strategy.protocol import CLIENT_CONFIG, CONFIG
+from ddome_strategy.protocol import CLIENT_CONFIG, CONFIG, check_version
 
 if "OMP_NUM_THREADS" not in os.environ:
     # Simulated clients share the machine's cores, and small models run fastest on one
@@ -40,6 +40,7 @@ def settings(message: Message, context: Context) -> dict:
     messages carry only per-round values (record ``config``).
     """
     if CLIENT_CONFIG in message.content:
+        check_version(message.content[CLIENT_CONFIG])  # another major version: an error reply
         context.state[CLIENT_CONFIG] = message.content[CLIENT_CONFIG]
     if CLIENT_CONFIG not in context.state:
         raise RuntimeError("No client configuration on this node and none in the message: the server must resend it.")

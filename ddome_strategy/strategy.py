@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
-from .aggregation import aggregate_moe, check_update
+from .aggregation import aggregate_moe
 from .arrays import experts_in, layout_error, moe_prefixes, select
 from .dispatch import adaptive_experts
 from .protocol import (
@@ -32,6 +32,8 @@ from .protocol import (
     ROUTE_QUERY,
     TRAIN,
     NodeSetup,
+    gate_scores,
+    reply_problem,
 )
 from .roles import ANCHOR, NORMAL, TEST, RoleOf, layout_roles
 
@@ -147,6 +149,14 @@ def _scalar(value: object) -> float:
     return float(value) if np.isfinite(value) else float("nan")
 
 
+def _rejections(rejected: list[str]) -> str:
+    """The end of a log line naming the replies rejected (the first one's rule)."""
+    if not rejected:
+        return ""
+    more = f"; and {len(rejected) - 1} more" if len(rejected) > 1 else ""
+    return f"; {len(rejected)} replies rejected for breaking the protocol ({rejected[0]}{more})"
+
+
 def _check_count(name: str, value: object, low: int, high: int | None = None, high_name: str = "") -> None:
     """Refuse ``value`` unless it is an integer in ``[low, high]`` (``high_name=high`` in the message)."""
     valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -174,28 +184,6 @@ def _polling_every(grid: Grid, interval: float) -> Iterator[None]:
         yield
     finally:
         grid.pull_interval = original
-
-
-def gate_scores(content: RecordDict, num_experts: int) -> np.ndarray | str:
-    """The mean gate scores of a routing reply, or why they are unusable.
-
-    Valid scores are ``num_experts`` finite probabilities in ``[0, 1]`` summing to 1
-    (the mean over the client's samples of the gate's softmax).
-    """
-    record = content.metric_records.get(METRICS)
-    if record is None or "gate-scores" not in record:
-        return "no gate-scores"
-    try:
-        scores = np.asarray(record["gate-scores"], dtype=np.float64)
-    except (TypeError, ValueError):
-        return "gate-scores are not numbers"
-    if scores.shape != (num_experts,):
-        return f"gate-scores have shape {scores.shape}, expected ({num_experts},)"
-    if not np.isfinite(scores).all():
-        return "gate-scores have NaN or Inf values"
-    if (scores < 0).any() or (scores > 1).any() or abs(scores.sum() - 1) > 1e-3:
-        return "gate-scores are not a probability vector"
-    return scores
 
 
 class DDOME(Strategy):
@@ -243,7 +231,8 @@ class DDOME(Strategy):
     eval_train_clients : bool (default: True)
         Also evaluate training clients (zero-shot routing on their held-out data).
     min_train_replies : int (default: 1)
-        Fewer valid training replies than this skips the round's aggregation.
+        Fewer valid training replies than this skips the round's aggregation (a round
+        with no valid reply is skipped whatever this is).
     min_nodes : int (default: 1)
         Wait until this many nodes are connected before the first round.
     timeout : float (default: 600)
@@ -371,6 +360,10 @@ class DDOME(Strategy):
         """`` [<role>, partition-id <i>]`` to end a log line about ``node``, if known."""
         known = self._known_as(node)
         return f" [{known}]" if known else ""
+
+    def _reject(self, node: int, phase: str, problem: str, outcome: str) -> None:
+        """Log that ``node``'s reply in ``phase`` broke the protocol, and what follows."""
+        log(WARNING, "node %s%s: %s reply %s; %s", node, self._tag(node), phase, problem, outcome)
 
     def _log_missing(self, phase: str, asked: set[int], replies: list[Message]) -> None:
         missing = sorted(asked - {r.metadata.src_node_id for r in replies})
@@ -532,6 +525,7 @@ class DDOME(Strategy):
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
         self.arrays = initial_arrays
+        aggregated = 0
         # 20% less time per simulated round (docs/performance.md), for this run only.
         with _polling_every(grid, POLL_INTERVAL):
             for server_round in range(first_round, num_rounds + 1):
@@ -541,6 +535,7 @@ class DDOME(Strategy):
                 outcome = self.run_round(grid, server_round, self.arrays, train_config, evaluate_config)
                 if outcome.arrays is not None:
                     result.arrays = self.arrays = outcome.arrays
+                    aggregated += 1
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", outcome.train_metrics)
                 result.train_metrics_clientapp[count] = outcome.train_metrics
                 if outcome.evaluate_metrics is not None:
@@ -552,6 +547,14 @@ class DDOME(Strategy):
                     log(INFO, "\t└──> MetricRecord: %s", res)
                     if res is not None:
                         result.evaluate_metrics_serverapp[count] = res
+        if not aggregated and first_round <= num_rounds:
+            log(
+                WARNING,
+                "no round from %d to %d aggregated a valid update (see the warnings above): the result's "
+                "arrays are empty and the strategy's arrays are those it started from",
+                first_round,
+                num_rounds,
+            )
         log(INFO, "")
         log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
         log(INFO, "")
@@ -680,7 +683,11 @@ class DDOME(Strategy):
         queries = [Message(content=RecordDict(), dst_node_id=n, message_type=ROLE_QUERY) for n in unknown]
         for reply in self.exchange(grid, "role query", queries).replies:
             node = reply.metadata.src_node_id
-            client = self._client_of(node, reply.content.config_records.get(CONFIG, ConfigRecord()))
+            problem = reply_problem(ROLE_QUERY, reply.content, num_experts=self.num_experts)
+            if problem:
+                self._reject(node, "role query", problem, "it is left out (and asked again next round)")
+                continue
+            client = self._client_of(node, reply.content.config_records[CONFIG])
             if isinstance(client, str):
                 log(WARNING, "role query: node %s %s; it is left out", node, client)
                 continue
@@ -689,31 +696,22 @@ class DDOME(Strategy):
         log(INFO, "Clients: %d anchors, %d normal, %d unseen test", counts[ANCHOR], counts[NORMAL], counts[TEST])
 
     def _client_of(self, node: int, config: ConfigRecord) -> _Client | str:
-        """The client a role reply describes, or why the reply is unusable."""
+        """The client a role reply that follows the protocol describes, or why
+        ``role_of`` cannot place it."""
         pid = config.get("partition-id")
-        valid_pid = not isinstance(pid, bool) and isinstance(pid, int) and pid >= 0
         if "role" not in config:
-            if not valid_pid:
-                return f"sent an invalid partition-id {pid!r}"
             try:
                 role, expert = self.role_of(pid)
             except Exception as err:  # pylint: disable=broad-except  # one bad node must not end the run
                 return f"has partition-id {pid} for which role_of raised {err!r}"
             if role not in (ANCHOR, NORMAL, TEST) or isinstance(expert, bool) or not isinstance(expert, int):
                 return f"has partition-id {pid} for which role_of returned {(role, expert)!r}"
-        else:
-            if pid is not None and not valid_pid:
-                return f"sent an invalid partition-id {pid!r}"
-            role, expert = config["role"], config.get("expert", -1)
-            if role not in (ANCHOR, NORMAL, TEST):
-                return f"declares an unknown role {role!r} (expected {ANCHOR}, {NORMAL} or {TEST})"
-            if role != ANCHOR:
-                expert = -1
-            elif isinstance(expert, bool) or not isinstance(expert, int):
-                return f"declares role anchor with an invalid expert {expert!r}"
+        else:  # reply_problem checked the declared role and an anchor's expert
+            role = config["role"]
+            expert = int(config["expert"]) if role == ANCHOR else -1
         if role == ANCHOR and not 0 <= expert < self.num_experts:
-            return f"claims anchor of expert {expert} of {self.num_experts}"
-        return _Client(node, pid if valid_pid else None, role, expert)
+            return f"has partition-id {pid} for which role_of returned anchor of expert {expert} of {self.num_experts}"
+        return _Client(node, None if pid is None else int(pid), role, expert)
 
     def sample(self, grid: Grid) -> tuple[list[_Client], list[_Client]]:
         """The round's anchors and normal clients, sampled (seeded, without replacement)
@@ -756,17 +754,11 @@ class DDOME(Strategy):
             if node not in asked or node in routing.experts:
                 log(WARNING, "%s: node %s sent a reply it was not asked for; ignored%s", phase, node, self._tag(node))
                 continue
-            scores = gate_scores(reply.content, self.num_experts)
-            if isinstance(scores, str):
-                log(
-                    WARNING,
-                    "%s: node %s sent invalid gate scores (%s); it is left out%s",
-                    phase,
-                    node,
-                    scores,
-                    self._tag(node),
-                )
+            problem = reply_problem(ROUTE_QUERY, reply.content, num_experts=self.num_experts)
+            if problem:
+                self._reject(node, phase, problem, f"it is left out of round {server_round}")
                 continue
+            scores = gate_scores(reply.content, self.num_experts)
             routing.experts[node] = adaptive_experts(scores, self.top_k, self.min_top_k, self.dispatch_mass)
             routing.scores[node] = scores.tolist()
         return routing
@@ -842,9 +834,12 @@ class DDOME(Strategy):
         -------
         tuple[ArrayRecord | None, MetricRecord]
             The new global arrays (``None`` if fewer than ``min_train_replies`` valid
-            replies arrived, so the round is skipped) and the round's training metrics.
+            replies, or none, arrived, so the round is skipped) and the round's training
+            metrics. Replies that break the protocol (``reply_problem``) are logged,
+            naming the rule, and left out.
         """
         updates, losses, weights, anchor_acc = [], [], [], []
+        rejected: list[str] = []
         answered: set[int] = set()
         # Sum updates, losses and accuracies in partition order, whatever the arrival order.
         for reply in sorted(replies, key=self._reply_order):
@@ -856,13 +851,14 @@ class DDOME(Strategy):
                 log(WARNING, "train: node %s sent an update it was not asked for; rejected%s", node, self._tag(node))
                 continue
             answered.add(node)
-            metrics = reply.content.metric_records.get(METRICS, MetricRecord())
-            update = reply.content.array_records.get(ARRAYS, ArrayRecord())
-            n = metrics.get("num-examples")
-            reason = check_update(update, sent[node], n)
-            if reason:
-                log(WARNING, "train: rejected the update of node %s: %s%s", node, reason, self._tag(node))
+            problem = reply_problem(TRAIN, reply.content, sent=sent[node])
+            if problem:
+                rejected.append(f"node {node}: {problem}")
+                self._reject(node, "train", problem, f"its update is rejected, not aggregated in round {server_round}")
                 continue
+            metrics = reply.content[METRICS]
+            update = reply.content[ARRAYS]
+            n = metrics["num-examples"]
             updates.append((update, float(n)))
             if np.isfinite(loss := _scalar(metrics.get("train-loss"))):
                 losses.append(loss)
@@ -876,13 +872,17 @@ class DDOME(Strategy):
             "num-replies": len(updates),
             "experts-trained": len(trained),
         }
-        if len(updates) < self.min_train_replies:
+        if len(updates) < max(1, self.min_train_replies):
+            # No valid update (whatever min-train-replies) skips the round too: never a
+            # "success" that aggregated nothing.
             log(
                 WARNING,
-                "round %d skipped: %d valid replies < min-train-replies=%d",
+                "round %d skipped: %d valid replies, fewer than %d (min-train-replies=%d)%s",
                 server_round,
                 len(updates),
+                max(1, self.min_train_replies),
                 self.min_train_replies,
+                _rejections(rejected),
             )
             return None, MetricRecord(metrics)
         return aggregate_moe(arrays, updates), MetricRecord(metrics)
@@ -952,6 +952,7 @@ class DDOME(Strategy):
             ``train/<metric>`` means over clients, or ``None`` if nothing arrived.
         """
         per_group: dict[str, dict[str, list[float]]] = {}
+        rejected: list[str] = []
         answered: set[int] = set()
         # Means in partition order, whatever the arrival order (see _reply_order).
         for reply in sorted(replies, key=self._reply_order):
@@ -960,16 +961,23 @@ class DDOME(Strategy):
                 log(WARNING, "evaluate: node %s replied with an error: %s%s", node, reply.error.reason, self._tag(node))
                 continue
             client = self.clients.get(node)
-            record = reply.content.metric_records.get(METRICS)
-            if client is None or node not in evaluated or node in answered or record is None:
-                log(WARNING, "evaluate: ignored an unexpected or malformed reply of node %s%s", node, self._tag(node))
+            if client is None or node not in evaluated or node in answered:
+                log(WARNING, "evaluate: ignored a reply of node %s it was not asked for%s", node, self._tag(node))
                 continue
             answered.add(node)
+            problem = reply_problem(EVALUATE, reply.content)
+            if problem:
+                rejected.append(f"node {node}: {problem}")
+                self._reject(node, "evaluate", problem, f"its metrics are left out of round {server_round}")
+                continue
+            record = reply.content[METRICS]
             group = per_group.setdefault("test" if client.role == TEST else "train", {})
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     group.setdefault(key, []).append(float(value))
         if not per_group:
+            if rejected:
+                log(WARNING, "round %d: no evaluation metrics%s", server_round, _rejections(rejected))
             return None
         metrics = {
             f"{group}/{key}": _mean(v for v in values if np.isfinite(v))

@@ -212,7 +212,8 @@ def test_declared_roles_beat_the_partition_layout_and_are_checked(exported, tmp_
     clients = strategy.clients
     assert clients[contexts[0][0]].role == "normal" and clients[contexts[0][0]].partition_id == 0
     assert contexts[1][0] not in clients
-    assert any("claims anchor of expert 99 of 5" in r.getMessage() for r in caplog.records)
+    rule = "breaks protocol rule 'an anchor sends expert, an int in 0..num-experts-1' (got 99, num-experts=5)"
+    assert any(rule in r.getMessage() for r in caplog.records)
     assert clients[contexts[2][0]].partition_id is None and clients[contexts[2][0]].expert == 2
 
 

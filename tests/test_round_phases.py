@@ -11,7 +11,15 @@ from flwr.app import Error, Message, RecordDict
 from benchmarks.compare import parse_args, resolve_config, run_method
 from client_app.app import app as client_app
 from ddome_strategy import DDOME, layout_roles
-from ddome_strategy.protocol import CLIENT_CONFIG, COMMON_EXPERT, CONFIG, PER_ROUND_KEYS, ROLE_QUERY
+from ddome_strategy.protocol import (
+    CLIENT_CONFIG,
+    COMMON_EXPERT,
+    CONFIG,
+    PER_ROUND_KEYS,
+    PROTOCOL_VERSION,
+    ROLE_QUERY,
+    VERSION_KEY,
+)
 from server_app.app import build_common_expert, run_ddome
 from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid, ensure_task_identity
@@ -169,7 +177,8 @@ def test_the_client_configuration_travels_once_per_node_and_only_per_round_value
         received = [m for m in grid.messages if m.metadata.dst_node_id == node]
         with_config = [m for m in received if CLIENT_CONFIG in m.content]
         assert len(with_config) == 1 and with_config[0] is received[1]  # after the role query
-        assert dict(with_config[0].content[CLIENT_CONFIG]) == client_config(cfg)
+        # The run's client configuration and the protocol version (docs/protocol.md).
+        assert dict(with_config[0].content[CLIENT_CONFIG]) == {**client_config(cfg), VERSION_KEY: PROTOCOL_VERSION}
         for m in received:
             assert set(m.content.config_records.get(CONFIG, {})) <= set(PER_ROUND_KEYS)
 

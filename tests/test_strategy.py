@@ -441,7 +441,7 @@ def test_warnings_about_a_node_name_its_role_and_partition_id(fake_grid_class, w
     log = "\n".join(warnings_log())
     assert f"train: no reply from nodes [{silent}] (dropped out or timed out); they are left out" in log
     assert f"[{silent}: anchor of expert 2, partition-id 2]" in log
-    assert f"train: rejected the update of node {NODE_IDS[6]}: " in log
+    assert f"node {NODE_IDS[6]} [normal, partition-id 6]: train reply breaks protocol rule 'arrays record" in log
     assert "[normal, partition-id 6]" in log
 
 
