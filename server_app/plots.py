@@ -98,9 +98,14 @@ def plot_accuracy(history: list[dict], path: Path) -> None:
         rounds, values = _series(evaluations, key)
         if rounds:
             ax.plot(rounds, 100 * np.asarray(values), style, marker="o", ms=3, label=label)
+    _save_per_round(fig, ax, "accuracy (%)", path)
+
+
+def _save_per_round(fig, ax, ylabel: str, path: Path) -> None:
+    """Label a per-round figure's axes, add its legend and write it to ``path``."""
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -117,16 +122,8 @@ def plot_bytes(history: list[dict], path: Path) -> None:
         rounds, values = _series(trained, key)
         if rounds:
             ax.plot(rounds, np.asarray(values) / 1e6, marker="o", ms=3, label=label)
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    ax.set_ylabel("MB per round")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_per_round(fig, ax, "MB per round", path)
 
 
 def write_plots(run_dir: Path, history: list[dict], last_routing: dict) -> dict[str, str]:

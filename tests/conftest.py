@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import pytest
 from flwr.app import Message
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -40,3 +42,30 @@ class FakeGrid:
 @pytest.fixture
 def fake_grid_class():
     return FakeGrid
+
+
+@pytest.fixture
+def warnings_log():
+    """The WARNING messages logged to Flower's logger (the strategy logs there)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    FLOWER_LOGGER.addHandler(handler)
+    yield lambda: [r.getMessage() for r in records]
+    FLOWER_LOGGER.removeHandler(handler)
+
+
+@pytest.fixture
+def digits_benchmark(tmp_path):
+    """Builds ``(cfg, dataset, common)`` of the benchmark on ``configs/digits-tiny.yaml``
+    (seed 0) with extra run-config items; the common expert is cached in ``cache_dir``."""
+    from benchmarks.compare import parse_args, resolve_config
+    from server_app.app import build_common_expert
+
+    def build(*run_config: str, cache_dir=tmp_path):
+        preset = ["--config-file", "configs/digits-tiny.yaml"]
+        cfg = resolve_config(parse_args([*preset, "--run-config", *run_config, f"cache-dir={cache_dir}"]), 0)
+        dataset, common, _ = build_common_expert(cfg)
+        return cfg, dataset, common
+
+    return build

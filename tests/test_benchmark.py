@@ -111,12 +111,8 @@ class RecordingGrid:
 
 
 @pytest.mark.parametrize("method", ["ddome", "fedavg", "fedprox", "fedmix", "avg-ensembles"])
-def test_bytes_per_round_equal_the_arrays_on_the_wire(method, tmp_path):
-    args = parse_args(
-        ["--config-file", "configs/digits-tiny.yaml", "--run-config", "num-server-rounds=3", f"cache-dir={tmp_path}"]
-    )
-    cfg = {**resolve_config(args, 0), "eval-train-clients": False}
-    dataset, common, _ = build_common_expert(cfg)
+def test_bytes_per_round_equal_the_arrays_on_the_wire(method, digits_benchmark):
+    cfg, dataset, common = digits_benchmark("num-server-rounds=3", "eval-train-clients=false")
     grid = InProcessGrid(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
     train_nodes = [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]]
     recording = RecordingGrid(grid, train_nodes)
@@ -189,19 +185,8 @@ def _first_train_arrays(method, cfg, dataset, common):
     return sent[0].content["arrays"]
 
 
-def test_every_method_starts_from_the_same_initialisation_whatever_experts_init(tmp_path):
-    args = parse_args(
-        [
-            "--config-file",
-            "configs/digits-tiny.yaml",
-            "--run-config",
-            "num-server-rounds=1",
-            "experts-init=random",
-            f"cache-dir={tmp_path}",
-        ]
-    )
-    cfg = resolve_config(args, 0)
-    dataset, common, _ = build_common_expert(cfg)
+def test_every_method_starts_from_the_same_initialisation_whatever_experts_init(digits_benchmark):
+    cfg, dataset, common = digits_benchmark("num-server-rounds=1", "experts-init=random")
     initial = build_moe(cfg, dataset, common)
     expert0 = compare.first_expert(initial)
     fedavg = _first_train_arrays("fedavg", cfg, dataset, common)

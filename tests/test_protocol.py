@@ -1,12 +1,9 @@
 """The written reply contract (docs/protocol.md): each rule's rejection, named in the log,
 and rounds whose every reply is rejected end with a warning saying why."""
 
-import logging
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import FLOWER_LOGGER
 
 from ddome_strategy import DDOME, layout_roles
 from ddome_strategy.protocol import (
@@ -75,16 +72,6 @@ class Client:
         if message.metadata.message_type == self.bad_type:
             return Message(self.bad(message), reply_to=message)
         return Message(good_reply(self.partition_id, message), reply_to=message)
-
-
-@pytest.fixture
-def warnings_log():
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    FLOWER_LOGGER.addHandler(handler)
-    yield lambda: [r.getMessage() for r in records]
-    FLOWER_LOGGER.removeHandler(handler)
 
 
 def run(fake_grid_class, bad_type=None, bad=None, bad_pids=(BAD_PID,), rounds=1, **options):

@@ -1,7 +1,6 @@
 """Reliability: client faults, bad configuration, checkpoint and resume, untrusted input."""
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import FLOWER_LOGGER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,17 +105,6 @@ class FlowerLikeGrid(InProcessGrid):
             except Exception as err:  # what Flower's ClientApp runtime does
                 replies.append(Message(Error(code=1, reason=repr(err)), reply_to=message))
         return replies
-
-
-@pytest.fixture
-def warnings_log():
-    """The WARNING messages logged to Flower's logger (the strategy logs there)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    FLOWER_LOGGER.addHandler(handler)
-    yield lambda: [r.getMessage() for r in records]
-    FLOWER_LOGGER.removeHandler(handler)
 
 
 def metrics(summary):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Error, Message, RecordDict
 
-from benchmarks.compare import parse_args, resolve_config, run_method
+from benchmarks.compare import run_method
 from client_app.app import app as client_app
 from ddome_strategy import DDOME, layout_roles
 from ddome_strategy.protocol import (
@@ -20,7 +20,7 @@ from ddome_strategy.protocol import (
     ROLE_QUERY,
     VERSION_KEY,
 )
-from server_app.app import build_common_expert, run_ddome
+from server_app.app import run_ddome
 from server_app.config import DEFAULTS, client_config, resolve
 from server_app.inprocess import InProcessGrid, ensure_task_identity
 
@@ -74,23 +74,13 @@ def test_ddome_run_gives_the_recorded_figures(tmp_path):
     rows = [json.loads(line) for line in (Path(summary["output"]) / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row["stage"] == "train"]
     # Losses are float sums whose last bits follow the CPU's vector code path (they moved by
-    # 3e-9 between two CI machines); accuracies are counts and stay exact.
+    # 3e-9 between two machines); accuracies are counts and stay exact.
     assert [row["train-loss"] for row in train] == pytest.approx(RECORDED_TRAIN_LOSS, rel=1e-6)
     assert [row["bytes-total"] for row in train] == RECORDED_BYTES_TOTAL
 
 
-def test_benchmark_baselines_give_the_recorded_figures(tmp_path):
-    args = parse_args(
-        [
-            "--config-file",
-            "configs/digits-tiny.yaml",
-            "--run-config",
-            "num-server-rounds=3",
-            f"cache-dir={_cache(tmp_path)}",
-        ]
-    )
-    cfg = resolve_config(args, 0)
-    dataset, common, _ = build_common_expert(cfg)
+def test_benchmark_baselines_give_the_recorded_figures(tmp_path, digits_benchmark):
+    cfg, dataset, common = digits_benchmark("num-server-rounds=3", cache_dir=_cache(tmp_path))
     for method, recorded in RECORDED_BENCHMARK.items():
         result = run_method(method, cfg, dataset, common, lambda line: None, InProcessGrid(client_app, NODES))
         for key in ("zero-shot-acc", "train-clients-acc", "bytes-per-round"):

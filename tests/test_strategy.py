@@ -1,12 +1,10 @@
 """The DDOME strategy against scripted clients: roles, routing, dispatch, aggregation."""
 
 import inspect
-import logging
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp.strategy import Strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -334,17 +332,6 @@ def test_adaptive_dispatch_sends_each_client_the_experts_its_mass_needs_and_coun
 
 
 # ---------------------------------------------------------------- what the strategy refuses
-
-
-@pytest.fixture
-def warnings_log():
-    """The WARNING messages logged to Flower's logger (the strategy logs there)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    FLOWER_LOGGER.addHandler(handler)
-    yield lambda: [r.getMessage() for r in records]
-    FLOWER_LOGGER.removeHandler(handler)
 
 
 @pytest.mark.parametrize(
