@@ -69,3 +69,21 @@ def digits_benchmark(tmp_path):
         return cfg, dataset, common
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config():
+    """Builds a run config of ``configs/digits-tiny.yaml`` writing into a folder, with the
+    common expert cached beside it, where every test finds it: ``build(folder, **overrides)``."""
+    from server_app.config import DEFAULTS
+
+    def build(folder, **overrides) -> dict:
+        return {
+            **DEFAULTS,
+            "config-file": "configs/digits-tiny.yaml",
+            "output-dir": str(folder / "out"),
+            "cache-dir": str(folder.parent / "ddome-test-cache"),
+            **overrides,
+        }
+
+    return build

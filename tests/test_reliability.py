@@ -16,21 +16,11 @@ from ddome_strategy.aggregation import aggregate_moe, check_update
 from ddome_strategy.strategy import ARRAYS, CONFIG, METRICS, ROLE_QUERY, ROUTE_QUERY, sent_arrays
 from server_app.app import build_common_expert, build_moe, build_strategy, run_ddome
 from server_app.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from server_app.config import DEFAULTS, ConfigError, resolve
+from server_app.config import ConfigError, resolve
 from server_app.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {**DEFAULTS, "config-file": "configs/digits-tiny.yaml"}
 NODES = 13
-
-
-def run_config(tmp_path, **overrides):
-    return {
-        **TINY,
-        "output-dir": str(tmp_path / "out"),
-        "cache-dir": str(tmp_path.parent / "ddome-test-cache"),
-        **overrides,
-    }
 
 
 class FaultyGrid(InProcessGrid):
@@ -112,10 +102,10 @@ def metrics(summary):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_goes_on_when_clients_fail_and_accuracy_still_rises(tmp_path):
+def test_training_goes_on_when_clients_fail_and_accuracy_still_rises(tiny_run_config, tmp_path):
     # Partition 1 is an anchor whose training always errors; 7 and 11 never answer.
     grid = FaultyGrid(erring={1, 6}, silent={7, 11})
-    summary = run_ddome(grid, run_config(tmp_path, **{"experts-init": "random", "eval-every": 2}))
+    summary = run_ddome(grid, tiny_run_config(tmp_path, **{"experts-init": "random", "eval-every": 2}))
     rows = metrics(summary)
     trained = [r for r in rows if r["stage"] == "train"]
     evaluated = [r for r in rows if r["stage"] == "evaluate"]
@@ -125,10 +115,10 @@ def test_training_goes_on_when_clients_fail_and_accuracy_still_rises(tmp_path):
     assert evaluated[-1]["test/num-clients"] == 2  # test client 11 never answered
 
 
-def test_clients_failing_or_timing_out_in_routing_are_simply_not_trained(tmp_path, warnings_log):
+def test_clients_failing_or_timing_out_in_routing_are_simply_not_trained(tiny_run_config, tmp_path, warnings_log):
     # Normal partitions 5 and 6 raise in the routing query; 7 answers too late every time.
     grid = FlowerLikeGrid(RaisingClientApp(client_app, {5: {ROUTE_QUERY}, 6: {ROUTE_QUERY}}), delays={7: 1e6})
-    summary = run_ddome(grid, run_config(tmp_path, **{"num-server-rounds": 3, "round-timeout": 30.0}))
+    summary = run_ddome(grid, tiny_run_config(tmp_path, **{"num-server-rounds": 3, "round-timeout": 30.0}))
     trained = [r for r in metrics(summary) if r["stage"] == "train"]
     assert [r["round"] for r in trained] == [1, 2, 3]
     assert all(r["num-replies"] == 5 + 2 for r in trained)  # all 5 anchors + normal clients 8 and 9
@@ -140,18 +130,18 @@ def test_clients_failing_or_timing_out_in_routing_are_simply_not_trained(tmp_pat
     assert summary["zero-shot-acc"] is not None
 
 
-def test_clients_crashing_in_training_are_left_out(tmp_path, warnings_log):
+def test_clients_crashing_in_training_are_left_out(tiny_run_config, tmp_path, warnings_log):
     # A ClientApp that raises (Flower turns it into an error reply) for anchor 2 and normal 9.
     grid = FlowerLikeGrid(RaisingClientApp(client_app, {2: {MessageType.TRAIN}, 9: {MessageType.TRAIN}}))
-    summary = run_ddome(grid, run_config(tmp_path, **{"num-server-rounds": 2}))
+    summary = run_ddome(grid, tiny_run_config(tmp_path, **{"num-server-rounds": 2}))
     assert [r["num-replies"] for r in metrics(summary) if r["stage"] == "train"] == [8, 8]
     assert "train: node 1002 replied with an error" in "\n".join(warnings_log())
 
 
-def test_an_expert_whose_trainers_all_fail_keeps_its_weights(tmp_path):
+def test_an_expert_whose_trainers_all_fail_keeps_its_weights(tiny_run_config, tmp_path):
     # Anchor 1 always fails; with no normal clients nobody else trains expert 1.
     grid = FaultyGrid(erring={1}, silent=set())
-    summary = run_ddome(grid, run_config(tmp_path, **{"normal-per-round": 0, "num-server-rounds": 2}))
+    summary = run_ddome(grid, tiny_run_config(tmp_path, **{"normal-per-round": 0, "num-server-rounds": 2}))
     run_dir = Path(summary["output"])
     initial = torch.load(run_dir / "checkpoints" / "common_expert.pt", weights_only=True)
     final = torch.load(run_dir / "checkpoints" / "moe.pt", weights_only=True)
@@ -160,12 +150,12 @@ def test_an_expert_whose_trainers_all_fail_keeps_its_weights(tmp_path):
         assert not torch.equal(final[f"expert.0.{key}"], value)
 
 
-def test_round_is_skipped_when_too_few_replies_arrive(tmp_path, monkeypatch, warnings_log):
+def test_round_is_skipped_when_too_few_replies_arrive(tiny_run_config, tmp_path, monkeypatch, warnings_log):
     saved = []
     real_save = save_checkpoint
     monkeypatch.setattr("server_app.app.save_checkpoint", lambda *a: saved.append(a[1]) or real_save(*a))
     grid = FaultyGrid(erring=set(range(10)), silent=set())
-    config = run_config(tmp_path, **{"num-server-rounds": 2, "min-train-replies": 3})
+    config = tiny_run_config(tmp_path, **{"num-server-rounds": 2, "min-train-replies": 3})
     summary = run_ddome(grid, config)
     assert all(r["num-replies"] == 0 for r in metrics(summary) if r["stage"] == "train")
     assert sum("round" in m and "skipped" in m for m in warnings_log()) == 2
@@ -196,14 +186,14 @@ class NoMessagesGrid:
         ({"resume": "/nowhere"}, "resume"),
     ],
 )
-def test_bad_configuration_stops_before_training(tmp_path, overrides, key):
+def test_bad_configuration_stops_before_training(tiny_run_config, tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key):
-        run_ddome(NoMessagesGrid(), run_config(tmp_path, **overrides))
+        run_ddome(NoMessagesGrid(), tiny_run_config(tmp_path, **overrides))
     assert not (tmp_path / "out").exists()  # nothing written either
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path):
-    config = run_config(tmp_path, **{"num-server-rounds": 6, "eval-every": 3})
+def test_interrupted_run_resumes_to_the_same_result(tiny_run_config, tmp_path):
+    config = tiny_run_config(tmp_path, **{"num-server-rounds": 6, "eval-every": 3})
     uninterrupted = run_ddome(InProcessGrid(client_app, NODES), config)
     with pytest.raises(KeyboardInterrupt):
         run_ddome(InterruptedGrid(die_after=4), config)
@@ -220,8 +210,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
         run_ddome(InProcessGrid(client_app, NODES), {**config, "resume": str(interrupted_dir), "seed": 5})
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    config = run_config(tmp_path, **{"num-server-rounds": 2})
+def test_checkpoint_write_is_atomic(tiny_run_config, tmp_path, monkeypatch):
+    config = tiny_run_config(tmp_path, **{"num-server-rounds": 2})
     summary = run_ddome(InProcessGrid(client_app, NODES), config)
     path = checkpoint_path(Path(summary["output"]))
     before = path.read_bytes()
@@ -272,9 +262,9 @@ def test_nothing_is_unpickled_unsafely():
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def federation(tiny_run_config, tmp_path_factory):
     """The tiny run's configuration, common expert and initial arrays."""
-    cfg = resolve(run_config(tmp_path_factory.mktemp("federation")))
+    cfg = resolve(tiny_run_config(tmp_path_factory.mktemp("federation")))
     dataset, common, _ = build_common_expert(cfg)
     return cfg, common, build_moe(cfg, dataset, common)
 
@@ -573,24 +563,24 @@ def test_any_corrupted_update_is_rejected_and_the_others_aggregate_as_without_it
 # ---------------------------------------------------------------- configuration and checkpoints
 
 
-def test_a_preset_with_a_typo_or_too_few_clients_stops_before_any_message(tmp_path):
+def test_a_preset_with_a_typo_or_too_few_clients_stops_before_any_message(tiny_run_config, tmp_path):
     preset = tmp_path / "typo.yaml"
     preset.write_text("dataset: digits\nnum-expert: 4\n")
     with pytest.raises(ConfigError, match="'num-expert'"):
-        run_ddome(NoMessagesGrid(), run_config(tmp_path, **{"config-file": str(preset)}))
+        run_ddome(NoMessagesGrid(), tiny_run_config(tmp_path, **{"config-file": str(preset)}))
     # More anchors (one per expert) than training clients.
     with pytest.raises(ConfigError, match="num-train-clients=10 must be at least num-experts=11"):
-        run_ddome(NoMessagesGrid(), run_config(tmp_path, **{"num-experts": 11}))
+        run_ddome(NoMessagesGrid(), tiny_run_config(tmp_path, **{"num-experts": 11}))
     assert not (tmp_path / "out").exists()
 
 
-def test_extending_a_finished_run_from_its_checkpoint_file_equals_a_longer_run(tmp_path):
-    longer = run_ddome(InProcessGrid(client_app, NODES), run_config(tmp_path, **{"num-server-rounds": 3}))
-    shorter = run_ddome(InProcessGrid(client_app, NODES), run_config(tmp_path, **{"num-server-rounds": 2}))
+def test_extending_a_finished_run_from_its_checkpoint_file_equals_a_longer_run(tiny_run_config, tmp_path):
+    longer = run_ddome(InProcessGrid(client_app, NODES), tiny_run_config(tmp_path, **{"num-server-rounds": 3}))
+    shorter = run_ddome(InProcessGrid(client_app, NODES), tiny_run_config(tmp_path, **{"num-server-rounds": 2}))
     file = checkpoint_path(Path(shorter["output"]))
     checkpoint = load_checkpoint(file)
     assert checkpoint.round == 2 and "rng" in checkpoint.strategy and checkpoint.torch_rng is not None
-    config = run_config(tmp_path, **{"num-server-rounds": 3, "resume": str(file)})
+    config = tiny_run_config(tmp_path, **{"num-server-rounds": 3, "resume": str(file)})
     extended = run_ddome(InProcessGrid(client_app, NODES), config)
     assert extended["output"] == shorter["output"]
     a = torch.load(Path(longer["output"]) / "checkpoints" / "moe.pt", weights_only=True)
@@ -603,7 +593,7 @@ def test_extending_a_finished_run_from_its_checkpoint_file_equals_a_longer_run(t
     arrays = ArrayRecord({k: v for k, v in checkpoint.arrays.items() if not k.startswith("expert.4.")})
     save_checkpoint(elsewhere, 2, arrays, checkpoint.strategy)
     with pytest.raises(ConfigError, match="resume: the checkpoint does not fit"):
-        run_ddome(NoMessagesGrid(), run_config(tmp_path, **{"resume": str(elsewhere)}))
+        run_ddome(NoMessagesGrid(), tiny_run_config(tmp_path, **{"resume": str(elsewhere)}))
 
 
 class Exploit:
@@ -617,19 +607,19 @@ class Exploit:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_a_corrupt_or_malicious_checkpoint_is_refused_before_any_message(tmp_path):
+def test_a_corrupt_or_malicious_checkpoint_is_refused_before_any_message(tiny_run_config, tmp_path):
     run_dir = tmp_path / "run"
     path = checkpoint_path(run_dir)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x80\x04 not a checkpoint")
     with pytest.raises(ConfigError, match="not a valid checkpoint"):
-        run_ddome(NoMessagesGrid(), run_config(tmp_path, resume=str(run_dir)))
+        run_ddome(NoMessagesGrid(), tiny_run_config(tmp_path, resume=str(run_dir)))
     marker = tmp_path / "code-ran"
     torch.save({"round": 1, "arrays": {}, "strategy": {"rng": Exploit(marker)}}, path)
     with pytest.raises(ConfigError, match="not a valid checkpoint"):
-        run_ddome(NoMessagesGrid(), run_config(tmp_path, resume=str(path)))
+        run_ddome(NoMessagesGrid(), tiny_run_config(tmp_path, resume=str(path)))
     assert not marker.exists()
     torch.save({"round": "1", "arrays": [], "strategy": {}}, path)  # loadable, but not ours
     with pytest.raises(ConfigError, match="not a checkpoint written by this app"):
-        run_ddome(NoMessagesGrid(), run_config(tmp_path, resume=str(path)))
+        run_ddome(NoMessagesGrid(), tiny_run_config(tmp_path, resume=str(path)))
     assert not (tmp_path / "out").exists()

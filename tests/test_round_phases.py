@@ -54,20 +54,9 @@ RECORDED_BENCHMARK = {
 }
 
 
-def _cache(tmp_path) -> str:
-    return str(tmp_path.parent / "ddome-test-cache")
-
-
-def test_ddome_run_gives_the_recorded_figures(tmp_path):
-    run_config = {
-        **DEFAULTS,
-        "config-file": "configs/digits-tiny.yaml",
-        "zero-shot-rule": "top1",  # the rule of the recorded code
-        "num-server-rounds": 4,
-        "eval-every": 2,
-        "output-dir": str(tmp_path / "out"),
-        "cache-dir": _cache(tmp_path),
-    }
+def test_ddome_run_gives_the_recorded_figures(tmp_path, tiny_run_config):
+    # zero-shot-rule: the rule of the recorded code
+    run_config = tiny_run_config(tmp_path, **{"zero-shot-rule": "top1", "num-server-rounds": 4, "eval-every": 2})
     summary = run_ddome(InProcessGrid(client_app, NODES), run_config)
     for key, value in RECORDED_SUMMARY.items():
         assert summary[key] == value, key
@@ -79,8 +68,8 @@ def test_ddome_run_gives_the_recorded_figures(tmp_path):
     assert [row["bytes-total"] for row in train] == RECORDED_BYTES_TOTAL
 
 
-def test_benchmark_baselines_give_the_recorded_figures(tmp_path, digits_benchmark):
-    cfg, dataset, common = digits_benchmark("num-server-rounds=3", cache_dir=_cache(tmp_path))
+def test_benchmark_baselines_give_the_recorded_figures(tmp_path, tiny_run_config, digits_benchmark):
+    cfg, dataset, common = digits_benchmark("num-server-rounds=3", cache_dir=tiny_run_config(tmp_path)["cache-dir"])
     for method, recorded in RECORDED_BENCHMARK.items():
         result = run_method(method, cfg, dataset, common, lambda line: None, InProcessGrid(client_app, NODES))
         for key in ("zero-shot-acc", "train-clients-acc", "bytes-per-round"):
@@ -123,23 +112,14 @@ class PhaseRecordingGrid(InProcessGrid):
         return replies
 
 
-def _run(tmp_path, grid, **overrides) -> list[dict]:
-    run_config = {
-        **DEFAULTS,
-        "config-file": "configs/digits-tiny.yaml",
-        "num-server-rounds": 4,
-        "eval-every": 2,
-        "output-dir": str(tmp_path / "out"),
-        "cache-dir": _cache(tmp_path),
-        **overrides,
-    }
-    summary = run_ddome(grid, run_config)
+def _run(tmp_path, tiny_run_config, grid, **overrides) -> list[dict]:
+    summary = run_ddome(grid, tiny_run_config(tmp_path, **{"num-server-rounds": 4, "eval-every": 2, **overrides}))
     return [json.loads(line) for line in (Path(summary["output"]) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_each_phase_counts_the_bytes_of_its_messages_and_replies(tmp_path):
+def test_each_phase_counts_the_bytes_of_its_messages_and_replies(tmp_path, tiny_run_config):
     grid = PhaseRecordingGrid()
-    rows = _run(tmp_path, grid)
+    rows = _run(tmp_path, tiny_run_config, grid)
     kinds = [kind for kind, *_ in grid.exchanges]
     # Named actions: one role query for the whole run, then per round route + train (+ route + evaluate).
     one_round, evaluation = ["query.route", "train"], ["query.route", "evaluate"]
@@ -159,9 +139,9 @@ def test_each_phase_counts_the_bytes_of_its_messages_and_replies(tmp_path):
             assert evaluate[0]["bytes/evaluate"] == phases[2][1] + phases[3][1] > 0
 
 
-def test_the_client_configuration_travels_once_per_node_and_only_per_round_values_after(tmp_path):
+def test_the_client_configuration_travels_once_per_node_and_only_per_round_values_after(tmp_path, tiny_run_config):
     grid = PhaseRecordingGrid()
-    _run(tmp_path, grid, **{"num-server-rounds": 2})
+    _run(tmp_path, tiny_run_config, grid, **{"num-server-rounds": 2})
     cfg = resolve({**DEFAULTS, "config-file": "configs/digits-tiny.yaml"})
     for node in grid.contexts:
         received = [m for m in grid.messages if m.metadata.dst_node_id == node]
@@ -173,10 +153,10 @@ def test_the_client_configuration_travels_once_per_node_and_only_per_round_value
             assert set(m.content.config_records.get(CONFIG, {})) <= set(PER_ROUND_KEYS)
 
 
-def test_a_node_that_lost_its_state_gets_the_configuration_again(tmp_path):
+def test_a_node_that_lost_its_state_gets_the_configuration_again(tmp_path, tiny_run_config):
     # Anchor 2 (node 1002) restarts when round 2 starts: it fails once, then trains again.
     grid = PhaseRecordingGrid(wipe=(1002, 2))
-    rows = _run(tmp_path, grid, **{"num-server-rounds": 3, "eval-every": 3})
+    rows = _run(tmp_path, tiny_run_config, grid, **{"num-server-rounds": 3, "eval-every": 3})
     assert [row["num-replies"] for row in rows if row["stage"] == "train"] == [10, 9, 10]
     resent = [m for m in grid.messages if m.metadata.dst_node_id == 1002 and CLIENT_CONFIG in m.content]
     assert [int(m.content[CONFIG]["server-round"]) for m in resent] == [1, 3]

@@ -8,22 +8,14 @@ import numpy as np
 
 from client_app.app import app as client_app
 from server_app.app import run_ddome
-from server_app.config import DEFAULTS
 from server_app.inprocess import InProcessGrid
 
 NODES = 13  # configs/digits-tiny.yaml: 10 training + 3 unseen test clients
 NUM_EXPERTS = 5
 
 
-def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path):
-    run_config = {
-        **DEFAULTS,
-        "config-file": "configs/digits-tiny.yaml",
-        "output-dir": str(tmp_path / "out"),
-        "cache-dir": str(tmp_path.parent / "ddome-test-cache"),
-        "num-server-rounds": 4,
-        "eval-every": 2,
-    }
+def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path, tiny_run_config):
+    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 4, "eval-every": 2})
     summary = run_ddome(InProcessGrid(client_app, NODES), run_config)
     run_dir = Path(summary["output"])
 
@@ -50,7 +42,7 @@ def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path):
         assert len(chosen) == 2 and set(chosen) == set(np.argsort(-scores, kind="stable")[:2])
 
 
-def _run_logging(tmp_path, **overrides) -> list[str]:
+def _run_logging(tmp_path, tiny_run_config, **overrides) -> list[str]:
     """Run the digits preset and return what the ``flwr`` logger let through."""
     import logging
 
@@ -60,28 +52,20 @@ def _run_logging(tmp_path, **overrides) -> list[str]:
     logger = logging.getLogger("flwr")
     logger.addHandler(handler)
     try:
-        run_config = {
-            **DEFAULTS,
-            "config-file": "configs/digits-tiny.yaml",
-            "output-dir": str(tmp_path / "out"),
-            "cache-dir": str(tmp_path.parent / "ddome-test-cache"),
-            "num-server-rounds": 3,
-            "eval-every": 3,
-            **overrides,
-        }
+        run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 3, "eval-every": 3, **overrides})
         run_ddome(InProcessGrid(client_app, NODES), run_config)
     finally:
         logger.removeHandler(handler)
     return lines
 
 
-def test_progress_shows_one_line_per_round_with_eta_and_hides_flower_dumps_unless_verbose(tmp_path):
-    lines = _run_logging(tmp_path)
+def test_progress_shows_one_line_per_round_with_eta_and_hides_flower_dumps_unless_verbose(tmp_path, tiny_run_config):
+    lines = _run_logging(tmp_path, tiny_run_config)
     rounds = [line for line in lines if line.startswith("round ") and "ETA" in line]
     assert [line.split()[1] for line in rounds] == ["1/3", "2/3", "3/3"]
     assert all("train loss" in line and "routing acc" in line and " MB " in line for line in rounds)
     assert rounds[-1].endswith("ETA 0m00s")
     assert not any("Aggregated MetricRecord" in line or line.startswith("[ROUND") for line in lines)
     assert "Final results:" not in lines
-    verbose = _run_logging(tmp_path, verbose=True)
+    verbose = _run_logging(tmp_path, tiny_run_config, verbose=True)
     assert sum("Aggregated MetricRecord" in line for line in verbose) >= 3 and "Final results:" in verbose
