@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ddome_strategy.common_expert import write_atomically
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "emnist", "digits")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -103,12 +103,9 @@ def _load_fashion_mnist(root: str) -> ArrayDataset:
         target = DOWNLOAD_ROOT / "fashion-mnist" / key / name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            # A private partial file per writer: parallel first runs (benchmark workers)
-            # each decompress and the atomic rename lets the last one win.
-            fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f"{name}.", suffix=".partial")
-            with gzip.open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(partial, target)
+            # Parallel first runs (benchmark workers) each decompress; the last rename wins.
+            with gzip.open(source, "rb") as src:
+                write_atomically(target, lambda dst: shutil.copyfileobj(src, dst))
         return reader(str(target))
 
     images = [read(name, read_image_file) for name in FASHION_FILES[::2]]

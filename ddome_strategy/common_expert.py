@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -156,12 +158,18 @@ def load_or_pretrain(
     return model, acc, path
 
 
-def save_atomically(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash leaves no half file."""
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(file)`` into a private temporary file beside ``path``, then rename: a crash
+    leaves no half file, and writers racing for the same path never share one."""
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
         try:
-            torch.save(obj, tmp)
+            write(tmp)
         except BaseException:
             os.unlink(tmp.name)
             raise
     os.replace(tmp.name, path)
+
+
+def save_atomically(obj: object, path: Path) -> None:
+    """``torch.save`` to ``path`` with :func:`write_atomically`."""
+    write_atomically(path, lambda file: torch.save(obj, file))
