@@ -182,11 +182,12 @@ def _mean_by_group(replies: list[Message], groups: dict[int, str]) -> dict[str, 
     return {f"{g}/zero-shot-acc": float(np.mean(v)) for g, v in by_group.items()}
 
 
-def summarise(history: list[dict], group: str = "test") -> dict[str, float | None]:
-    """The reported figures of one run's accuracy curve: the mean of the last
+def summarise(history: list[dict], group: str = "test", metric: str = "zero-shot-acc") -> dict[str, float | None]:
+    """The reported figures of one run's ``<group>/<metric>`` curve: the mean of the last
     ``LAST_EVALUATIONS`` evaluations (the headline), the final one, and the paper's best of
     the last ``BEST_OF``."""
-    curve = [h[f"{group}/zero-shot-acc"] for h in history if h.get(f"{group}/zero-shot-acc") is not None]
+    key = f"{group}/{metric}"
+    curve = [h[key] for h in history if h.get(key) is not None]
     if not curve:
         return {"mean-last": None, "final": None, "best-of-last": None}
     return {

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.compare import METHODS, flower_log_level, run_tasks
+from benchmarks.compare import METHODS, flower_log_level, run_tasks, summarise
 from benchmarks.compare import parse_args as compare_args
 from benchmarks.report import NAMES
+from ddome_strategy.moe import ZERO_SHOT_RULES
 
 # Column name -> (preset, run-config overrides).
 SETTINGS = {
@@ -88,19 +89,12 @@ def matrix_table(results: list[dict], columns: list[str]) -> str:
 def rules_table(results: list[dict], columns: list[str]) -> str:
     """DDOME's zero-shot accuracy under every prediction rule (each evaluation reports them
     all): mean over seeds of the mean of the last 5 evaluations, per setting."""
-    from benchmarks.compare import summarise
-    from ddome_strategy.moe import ZERO_SHOT_RULES
-
     lines = ["| DDOME's zero-shot rule | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for rule in ZERO_SHOT_RULES:
         cells = []
         for column in columns:
             runs = [r for r in results if r["method"] == "ddome" and r["column"] == column]
-            curves = [
-                [{"round": h["round"], "test/zero-shot-acc": h.get(f"test/{rule}-acc")} for h in r["history"]]
-                for r in runs
-            ]
-            values = [summarise(c)["mean-last"] for c in curves]
+            values = [summarise(r["history"], metric=f"{rule}-acc")["mean-last"] for r in runs]
             cells.append(f"{100 * np.mean(values):.2f}" if values and None not in values else "n/a")
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
