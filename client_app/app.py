@@ -162,7 +162,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Zero-shot evaluation with the gate and the K experts the server sent."""
     cfg, data, cached = _local(message, context)
     gate, experts = _models(cfg, data, message.content[ARRAYS], cached["train"].shape[1])
-    rule = str(cfg.get("zero-shot-rule", "top1"))
+    rule = str(cfg["zero-shot-rule"])
     metrics = evaluate_zero_shot(gate, experts, data, cached["eval"], cached["common-expert-logits"], rule)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
 
