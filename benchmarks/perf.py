@@ -42,11 +42,13 @@ import server_app.app as server_module
 from benchmarks.compare import SingleFedAvg
 from client_app import task as client_task
 from client_app.app import app as client_app
-from client_app.task import build_expert, build_local_gate, embed, load_local_data, mean_gate_scores, train_local
+from client_app.task import build_expert, build_local_gate, load_local_data
 from data.settings import partitioned
 from ddome_strategy import DDOME, layout_roles
+from ddome_strategy import client as toolkit
 from ddome_strategy.aggregation import aggregate_moe
 from ddome_strategy.arrays import GATE_PREFIX, expert_prefix, load_part, pack_part
+from ddome_strategy.client import embed, mean_gate_scores, train_local
 from ddome_strategy.dispatch import top_k_experts
 from ddome_strategy.protocol import ARRAYS, CONFIG, METRICS, ROLE_QUERY, ROUTE_QUERY, NodeSetup
 from server_app.app import build_common_expert, build_moe, run_ddome
@@ -359,8 +361,8 @@ def scale(rounds: int, simulate: bool) -> list[dict]:
 
 def throughput(cfg: dict, device: torch.device, repeats: int = 3) -> float:
     """Samples per second of one normal client's local training (gate + K experts)."""
-    real = client_task.pick_device
-    client_task.pick_device = lambda: device
+    real = toolkit.pick_device
+    toolkit.pick_device = lambda: device
     try:
         dataset, common, _ = build_common_expert(cfg)
         arrays = build_moe(cfg, dataset, common)
@@ -384,7 +386,7 @@ def throughput(cfg: dict, device: torch.device, repeats: int = 3) -> float:
                 best = min(best, time.perf_counter() - started)
         return len(data.train_y) * cfg["local-epochs"] / best
     finally:
-        client_task.pick_device = real
+        toolkit.pick_device = real
 
 
 def main(argv=None) -> None:

@@ -12,9 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from client_app.task import build_local_gate, embed  # noqa: E402
+from client_app.task import build_local_gate  # noqa: E402
 from data.settings import partitioned  # noqa: E402
 from ddome_strategy.arrays import GATE_PREFIX, load_part  # noqa: E402
+from ddome_strategy.client import embed  # noqa: E402
 from server_app.plots import plot_routing  # noqa: E402
 
 NAMES = {

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from client_app.task import _batches, expert_from, node_data, node_seed, predict, settings
+from client_app.task import expert_from, node_data
 from ddome_strategy.arrays import expert_prefix, experts_in, pack_part
+from ddome_strategy.client import batches, node_seed, predict, settings
 from ddome_strategy.models import pick_device
 from ddome_strategy.protocol import ARRAYS, METRICS
 
@@ -35,7 +36,7 @@ def train_single(message: Message, context: Context) -> Message:
     seed = node_seed(cfg, context)
     losses = []
     for epoch in range(int(cfg["local-epochs"])):
-        for idx in _batches(len(data.train_y), int(cfg["batch-size"]), seed + epoch):
+        for idx in batches(len(data.train_y), int(cfg["batch-size"]), seed + epoch):
             loss = F.cross_entropy(model(data.train_x[idx].to(device)), data.train_y[idx].to(device))
             if mu > 0:
                 loss = loss + mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))

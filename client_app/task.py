@@ -1,4 +1,6 @@
-"""What a DDOME client does locally: embed once, score, train, evaluate zero-shot."""
+"""The project's side of its ClientApp: this node's data and the models of the run
+configuration. What every DDOME client does (embed once, route, train, evaluate) is the
+client toolkit, :mod:`ddome_strategy.client`."""
 
 from __future__ import annotations
 
@@ -6,25 +8,14 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, Context
 from torch import nn
 
-from data.node_data import DataSpec, anchor_label_groups, load_node_data, spec_from_run_config
+from data.node_data import DataSpec, anchor_label_groups, check_node_folder, load_node_data, spec_from_run_config
 from data.settings import load_partitioned, partition_settings
-from ddome_strategy.arrays import GATE_PREFIX, load_part
-from ddome_strategy.models import Classifier, build_gate, build_model, pick_device
-from ddome_strategy.moe import (
-    ZERO_SHOT_RULES,
-    anchor_loss,
-    confident_predictions,
-    fallback_predictions,
-    mixture_loss,
-    routing_error,
-    zero_shot_predictions,
-)
-from ddome_strategy.protocol import CLIENT_CONFIG, CONFIG, check_version
+from ddome_strategy.client import ClientData, built_with
+from ddome_strategy.models import Classifier, build_gate, build_model
 
 if "OMP_NUM_THREADS" not in os.environ:
     # Simulated clients share the machine's cores, and small models run fastest on one
@@ -32,32 +23,13 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 
-def settings(message: Message, context: Context) -> dict:
-    """The run's client configuration with this message's per-round values.
+@dataclass(kw_only=True)
+class LocalData(ClientData):
+    """One client's data (:class:`~ddome_strategy.client.ClientData`) and the shapes its
+    models are built for."""
 
-    The client configuration comes with the node's first message (record
-    ``client-config``) and is kept in ``context.state`` for the rest of the run; later
-    messages carry only per-round values (record ``config``).
-    """
-    if CLIENT_CONFIG in message.content:
-        check_version(message.content[CLIENT_CONFIG])  # another major version: an error reply
-        context.state[CLIENT_CONFIG] = message.content[CLIENT_CONFIG]
-    if CLIENT_CONFIG not in context.state:
-        raise RuntimeError("No client configuration on this node and none in the message: the server must resend it.")
-    return {**context.state[CLIENT_CONFIG], **message.content.config_records.get(CONFIG, ConfigRecord())}
-
-
-@dataclass
-class LocalData:
-    """One client's data: raw inputs for the experts, embeddings for the gate."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor
     input_shape: tuple[int, ...]
     num_classes: int
-    label_to_expert: dict[int, int]
 
 
 def load_local_data(cfg, partition_id: int, data_root: str) -> LocalData:
@@ -80,13 +52,13 @@ def _local_data(dataset_name: str, data_root: str, settings: tuple, partition_id
     )
     label_to_expert = {label: expert for expert in range(plan.num_experts) for label in plan.client_labels[expert]}
     return LocalData(
-        dataset.train_x[train_idx],
-        dataset.train_y[train_idx],
-        eval_x[eval_idx],
-        eval_y[eval_idx],
-        dataset.input_shape,
-        dataset.num_classes,
-        label_to_expert,
+        train_x=dataset.train_x[train_idx],
+        train_y=dataset.train_y[train_idx],
+        eval_x=eval_x[eval_idx],
+        eval_y=eval_y[eval_idx],
+        label_to_expert=label_to_expert,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
     )
 
 
@@ -105,13 +77,6 @@ def node_data(cfg, context: Context) -> LocalData:
     return load_local_data(cfg, int(context.node_config["partition-id"]), data_root)
 
 
-def node_seed(cfg, context: Context) -> int:
-    """Seed of this node's local shuffling in this round: from its ``partition-id`` (the
-    simulation's, reproducible), else from its node id (a deployed node may have none)."""
-    own = context.node_config.get("partition-id", context.node_id % 1_000_003)
-    return int(cfg["seed"]) * 100_003 + int(cfg["server-round"]) * 1009 + int(own)
-
-
 def load_own_data(cfg, data_path: str, subpath: str = "") -> LocalData:
     """Load a node's own folder with the run's :class:`~data.node_data.DataSpec` (cached per process).
 
@@ -126,7 +91,13 @@ def load_own_data(cfg, data_path: str, subpath: str = "") -> LocalData:
 def _own_data(data_path: str, subpath: str, spec: DataSpec, groups: tuple) -> LocalData:
     node = load_node_data(data_path, spec, subpath=subpath)
     return LocalData(
-        node.train_x, node.train_y, node.eval_x, node.eval_y, node.input_shape, node.num_classes, dict(groups)
+        train_x=node.train_x,
+        train_y=node.train_y,
+        eval_x=node.eval_x,
+        eval_y=node.eval_y,
+        label_to_expert=dict(groups),
+        input_shape=node.input_shape,
+        num_classes=node.num_classes,
     )
 
 
@@ -142,128 +113,14 @@ def build_local_gate(cfg, embedding_dim: int) -> nn.Module:
 
 def expert_from(cfg, data: LocalData, record: ArrayRecord, prefix: str) -> Classifier:
     """An expert with the weights stored under ``prefix`` in ``record``."""
-    with torch.device("meta"):  # no random initialisation: the weights come next
-        model = build_expert(cfg, data)
-    load_part(model, record, prefix, assign=True)
-    return model
+    return built_with(build_expert, record, prefix, cfg, data)
 
 
-def gate_from(cfg, embedding_dim: int, record: ArrayRecord) -> nn.Module:
-    """The gate with the weights stored in ``record``."""
-    with torch.device("meta"):
-        gate = build_local_gate(cfg, embedding_dim)
-    load_part(gate, record, GATE_PREFIX, assign=True)
-    return gate
-
-
-def inference_batch(device: torch.device) -> int:
-    """Samples per forward pass when only predicting: on the CPU, 128 keeps a CNN's
-    activations in cache (2x faster than 1024, docs/performance.md); GPUs want more."""
-    return 1024 if device.type == "cuda" else 128
-
-
-@torch.no_grad()
-def embed(common_expert: Classifier, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """Common-expert embeddings of ``x``, computed once per client."""
-    device = pick_device()
-    batch = batch or inference_batch(device)
-    common_expert.to(device).eval()
-    if len(x) == 0:
-        return torch.zeros(0, common_expert.feature_dim)
-    return torch.cat([common_expert.embed(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """Logits of ``model`` on ``x``, in batches."""
-    device = pick_device()
-    batch = batch or inference_batch(device)
-    model.to(device).eval()
-    return torch.cat([model(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
-def mean_gate_scores(gate: nn.Module, embeddings: torch.Tensor) -> np.ndarray:
-    """The routing reply: gate probabilities averaged over the local data."""
-    return torch.softmax(predict(gate, embeddings), dim=1).mean(0).double().numpy()
-
-
-def _batches(n: int, batch_size: int, seed: int):
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def train_local(
-    cfg,
-    gate: nn.Module,
-    experts: dict[int, nn.Module],
-    x: torch.Tensor,
-    embeddings: torch.Tensor,
-    y: torch.Tensor,
-    anchor_expert: int | None,
-    seed: int,
-) -> float:
-    """Train the gate and the received experts jointly; return the mean loss.
-
-    A normal client minimises the mixture cross-entropy over its K experts; an anchor
-    (``anchor_expert`` set) its expert's cross-entropy plus the one-hot gate loss.
-    """
-    device = pick_device()
-    gate.to(device).train()
-    for expert in experts.values():
-        expert.to(device).train()
-    momentum = float(cfg["momentum"])
-    optimizer = torch.optim.SGD(
-        [
-            {"params": [p for e in experts.values() for p in e.parameters()], "lr": float(cfg["lr"])},
-            {"params": gate.parameters(), "lr": float(cfg["gate-lr"])},
-        ],
-        momentum=momentum,
-    )
-    selected = list(experts)
-    losses = []
-    for epoch in range(int(cfg["local-epochs"])):
-        for idx in _batches(len(x), int(cfg["batch-size"]), seed + epoch):
-            xb, eb, yb = x[idx].to(device), embeddings[idx].to(device), y[idx].to(device)
-            gate_logits = gate(eb)
-            if anchor_expert is not None:
-                loss = anchor_loss(experts[anchor_expert](xb), gate_logits, yb, anchor_expert)
-            else:
-                expert_logits = torch.stack([experts[e](xb) for e in selected], dim=1)
-                loss = mixture_loss(gate_logits[:, selected], expert_logits, yb)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    return float(np.mean(losses)) if losses else float("nan")
-
-
-def evaluate_zero_shot(
-    gate: nn.Module,
-    experts: dict[int, nn.Module],
-    data: LocalData,
-    embeddings: torch.Tensor,
-    common_expert_logits: torch.Tensor,
-    rule: str = "top1",
-) -> dict[str, float]:
-    """Zero-shot metrics of the K received experts on the local evaluation data.
-
-    ``zero-shot-acc`` is the accuracy of ``rule`` (one of ``ZERO_SHOT_RULES``); every
-    rule's accuracy is reported too, as ``<rule>-acc``.
-    """
-    selected = list(experts)
-    gate_probs = torch.softmax(predict(gate, embeddings), dim=1)
-    expert_logits = torch.stack([predict(experts[e], data.eval_x) for e in selected], dim=1)
-    top1, mixture = zero_shot_predictions(gate_probs, expert_logits, selected)
-    fallback = fallback_predictions(gate_probs, expert_logits, selected, common_expert_logits)
-    confident = confident_predictions(gate_probs, expert_logits, selected, common_expert_logits)
-    y = data.eval_y
-    predictions = (top1, mixture, fallback, confident)
-    accuracy = {name: float((pred == y).float().mean()) for name, pred in zip(ZERO_SHOT_RULES, predictions)}
-    return {
-        "zero-shot-acc": accuracy[rule],
-        **{f"{name}-acc": acc for name, acc in accuracy.items()},
-        "common-expert-acc": float((common_expert_logits.argmax(1) == y).float().mean()),
-        "routing-error": routing_error(gate_probs, y, data.label_to_expert),
-        "num-examples": len(y),
-    }
+def check_node(context: Context) -> None:
+    """A node with its own folder (node config ``data-path``) checks it when asked for its
+    role: there, readable, in a known layout; and it must say who it is."""
+    node = context.node_config
+    if "data-path" in node:
+        if "role" not in node and "partition-id" not in node:
+            raise ValueError("node config has data-path but neither role nor partition-id.")
+        check_node_folder(str(node["data-path"]))

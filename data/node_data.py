@@ -224,19 +224,21 @@ def resolve_node_path(data_root: str | Path, subpath: str | Path = "") -> Path:
     shown = Path(data_root).expanduser()
     root = shown.resolve()
     if not root.exists():
-        raise NodeDataError(f"node {shown}: the folder does not exist.")
+        raise NodeDataError(f"data folder {shown}: the folder does not exist.")
     if not root.is_dir():
-        raise NodeDataError(f"node {shown}: not a folder.")
+        raise NodeDataError(f"data folder {shown}: not a folder.")
     sub = Path(subpath)
     if sub.is_absolute():
-        raise NodeDataError(f"node {shown}: {str(subpath)!r} is an absolute path; only paths inside the node's folder.")
+        raise NodeDataError(
+            f"data folder {shown}: {str(subpath)!r} is an absolute path; only paths inside the node's folder."
+        )
     target = (root / sub).resolve()
     if not target.is_relative_to(root):
-        raise NodeDataError(f"node {shown}: {str(subpath)!r} leads outside the node's folder.")
+        raise NodeDataError(f"data folder {shown}: {str(subpath)!r} leads outside the node's folder.")
     if not target.exists():
-        raise NodeDataError(f"node {shown / sub}: the folder does not exist.")
+        raise NodeDataError(f"data folder {shown / sub}: the folder does not exist.")
     if not target.is_dir():
-        raise NodeDataError(f"node {shown / sub}: not a folder.")
+        raise NodeDataError(f"data folder {shown / sub}: not a folder.")
     return target
 
 
@@ -247,7 +249,7 @@ class _Reader:
         self.root, self.shown, self.spec = root, shown, spec
 
     def fail(self, problem: str) -> NodeDataError:
-        return NodeDataError(f"node {self.shown}: {problem}")
+        return NodeDataError(f"data folder {self.shown}: {problem}")
 
     def inside(self, path: Path) -> Path:
         # A symlink inside the folder must not expose files outside it.
@@ -258,7 +260,7 @@ class _Reader:
 
     def foreign(self, label) -> NodeDataError:
         return NodeDataError(
-            f"node {self.shown} holds label {label!r} which is not in the run's label space "
+            f"data folder {self.shown} holds label {label!r} which is not in the run's label space "
             f"{self.spec.describe_labels()}."
         )
 
@@ -384,14 +386,14 @@ def detect_layout(folder: Path, shown: Path | None = None) -> str:
     """
     shown = shown or folder
     if not any(folder.iterdir()):
-        raise NodeDataError(f"node {shown}: the folder is empty.")
+        raise NodeDataError(f"data folder {shown}: the folder is empty.")
     has_folders = any((folder / s).is_dir() for s in SPLITS)
     has_npz = any((folder / f"{s}.npz").is_file() for s in SPLITS)
     if has_folders and has_npz:
-        raise NodeDataError(f"node {shown}: holds both train/eval folders and .npz files; keep one layout.")
+        raise NodeDataError(f"data folder {shown}: holds both train/eval folders and .npz files; keep one layout.")
     if not (has_folders or has_npz):
         raise NodeDataError(
-            f"node {shown}: no recognised layout; expected train/ and/or eval/ with one sub-folder per "
+            f"data folder {shown}: no recognised layout; expected train/ and/or eval/ with one sub-folder per "
             "class (torchvision ImageFolder), or train.npz and/or eval.npz with arrays x and y."
         )
     return "imagefolder" if has_folders else "npz"
@@ -447,7 +449,7 @@ def load_node_data(data_root: str | Path, spec: DataSpec, *, subpath: str | Path
             splits[split] = reader.image_folder(split) if layout == "imagefolder" else reader.npz(split)
     shapes = {tuple(x.shape[1:]) for x, _ in splits.values()}
     if len(shapes) > 1:
-        raise NodeDataError(f"node {shown}: train and eval samples have different shapes {sorted(shapes)}.")
+        raise NodeDataError(f"data folder {shown}: train and eval samples have different shapes {sorted(shapes)}.")
     shape = shapes.pop() if shapes else spec.input_shape
     empty = (torch.zeros((0, *shape), dtype=torch.float32), torch.zeros(0, dtype=torch.long))
     (train_x, train_y), (eval_x, eval_y) = (splits.get(s, empty) for s in SPLITS)

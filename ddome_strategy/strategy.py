@@ -304,6 +304,7 @@ class DDOME(Strategy):
         self.eval_train_clients = eval_train_clients
         self.min_train_replies = min_train_replies
         self.min_nodes = min_nodes
+        self.nodes_awaited = False  # min_nodes is waited for once, before the first round
         self.timeout = timeout
         self.on_metrics = on_metrics
         self.rng = np.random.default_rng(seed)
@@ -365,8 +366,8 @@ class DDOME(Strategy):
         """Log that ``node``'s reply in ``phase`` broke the protocol, and what follows."""
         log(WARNING, "node %s%s: %s reply %s; %s", node, self._tag(node), phase, problem, outcome)
 
-    def _log_missing(self, phase: str, asked: set[int], replies: list[Message]) -> None:
-        missing = sorted(asked - {r.metadata.src_node_id for r in replies})
+    def _log_missing(self, phase: str, missing: set[int]) -> None:
+        missing = sorted(missing)
         if missing:
             known = "; ".join(f"{n}: {self._known_as(n)}" for n in missing if self._known_as(n))
             log(
@@ -404,9 +405,10 @@ class DDOME(Strategy):
         """Send one phase's messages, wait up to ``timeout`` for the replies, and count
         the phase's array bytes.
 
-        Nodes that do not reply are logged; a node that replies with an error is
-        logged and left out, and gets its set-up again with its next message (it may
-        have restarted and lost it).
+        Nodes that do not reply are logged; a node that replies with an error (its own,
+        or the SuperLink's for a node that went away) is logged and left out. Every node
+        asked that gave no valid reply gets its set-up again with its next message: it
+        may have restarted and lost it.
 
         Returns
         -------
@@ -417,17 +419,23 @@ class DDOME(Strategy):
         if not messages:
             return Exchange()
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        self._log_missing(phase, {m.metadata.dst_node_id for m in messages}, replies)
-        good = []
+        asked = {m.metadata.dst_node_id for m in messages}
+        # The SuperLink answers for a node it lost with an error from itself (node id 1):
+        # the message it replies to names the node.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        good, answered = [], set()
         for reply in replies:
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
             if reply.has_error():
-                node = reply.metadata.src_node_id
-                self.setup.forget(node)
                 log(
                     WARNING, "%s: node %s replied with an error: %s%s", phase, node, reply.error.reason, self._tag(node)
                 )
                 continue
             good.append(reply)
+        self._log_missing(phase, asked - answered)
+        for node in asked - {r.metadata.src_node_id for r in good}:
+            self.setup.forget(node)
         return Exchange(
             good, sum(_array_bytes(m.content) for m in messages), sum(_array_bytes(r.content) for r in good)
         )
@@ -665,18 +673,7 @@ class DDOME(Strategy):
         ``role_of(partition-id)``. Invalid replies and error replies (a node whose data
         folder cannot be read) are logged and the node is left out.
         """
-        deadline = time.monotonic() + self.timeout
-        while len(node_ids := list(grid.get_node_ids())) < self.min_nodes:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Only {len(node_ids)} of min-nodes={self.min_nodes} nodes connected.")
-            log(
-                INFO,
-                "Waiting for nodes: %d of %d connected (in simulation, num-supernodes must be at least %d)",
-                len(node_ids),
-                self.min_nodes,
-                self.min_nodes,
-            )
-            time.sleep(1.0)
+        node_ids = self.wait_for_nodes(grid) if not self.nodes_awaited else list(grid.get_node_ids())
         unknown = [n for n in node_ids if n not in self.clients]
         if not unknown:
             return
@@ -694,6 +691,28 @@ class DDOME(Strategy):
             self.clients[node] = client
         counts = {r: sum(c.role == r for c in self.clients.values()) for r in (ANCHOR, NORMAL, TEST)}
         log(INFO, "Clients: %d anchors, %d normal, %d unseen test", counts[ANCHOR], counts[NORMAL], counts[TEST])
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Wait, once per run, until ``min_nodes`` nodes are connected; return them.
+
+        Later rounds go on with the nodes that are there: a node that is lost costs its
+        own contribution, and one that comes back (or joins) is found by :meth:`discover`.
+
+        Raises
+        ------
+        TimeoutError
+            If fewer than ``min_nodes`` nodes connected within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + self.timeout
+        while len(node_ids := list(grid.get_node_ids())) < self.min_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Only {len(node_ids)} of min-nodes={self.min_nodes} nodes connected within {self.timeout:g} s."
+                )
+            log(INFO, "Waiting for nodes: %d of min-nodes=%d connected", len(node_ids), self.min_nodes)
+            time.sleep(1.0)
+        self.nodes_awaited = True
+        return node_ids
 
     def _client_of(self, node: int, config: ConfigRecord) -> _Client | str:
         """The client a role reply that follows the protocol describes, or why

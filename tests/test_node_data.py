@@ -199,12 +199,12 @@ def _bad_cases(root: Path):
     return cases
 
 
-def test_malformed_folders_raise_one_sentence_naming_the_node(tmp_path):
+def test_malformed_folders_raise_one_sentence_naming_the_folder(tmp_path):
     for node, fragment in _bad_cases(tmp_path):
         with pytest.raises(NodeDataError) as info:
             load_node_data(node, SPEC)
         message = str(info.value)
-        assert message.startswith(f"node {node}"), message
+        assert message.startswith(f"data folder {node}"), message
         assert fragment in message, message
         assert isinstance(info.value, ValueError)
 

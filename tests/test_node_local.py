@@ -164,7 +164,9 @@ def test_a_node_cannot_be_made_to_read_outside_its_folder(exported, tmp_path, mo
         )
         reply = client_app(_route_message({**cfg, "data-root": data_root}, ArrayRecord(common.state_dict())), context)
         assert reply.has_error(), data_root
-        assert reply.error.reason.startswith(f"node {own}") and refusal in reply.error.reason, reply.error.reason
+        assert reply.error.reason.startswith(f"node 1000: data folder {own}") and refusal in reply.error.reason, (
+            reply.error.reason
+        )
     # Its own folder, as the run config leaves it: the route query is answered.
     context = Context(
         run_id=1, node_id=1000, node_config={"data-path": str(own), "role": "normal"}, state=RecordDict(), run_config={}

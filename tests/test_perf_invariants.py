@@ -4,10 +4,10 @@ import inspect
 
 from flwr.superlink.grid import InMemoryGrid
 
-from client_app import app as client_module
 from client_app import task
 from client_app.app import app as client_app
 from data import settings
+from ddome_strategy import client as toolkit
 from server_app.app import run_ddome
 from server_app.config import DEFAULTS
 from server_app.inprocess import InProcessGrid
@@ -15,13 +15,13 @@ from server_app.inprocess import InProcessGrid
 
 def test_embeddings_and_data_are_computed_once_per_client(tmp_path, monkeypatch):
     calls = []
-    real_embed = client_module.embed
+    real_embed = toolkit.embed
 
     def counting_embed(model, x, *args, **kwargs):
         calls.append(len(x))
         return real_embed(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(client_module, "embed", counting_embed)
+    monkeypatch.setattr(toolkit, "embed", counting_embed)
     settings.load_partitioned.cache_clear()
     task._local_data.cache_clear()
     config = {

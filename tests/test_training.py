@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from client_app.task import mean_gate_scores, train_local
+from ddome_strategy.client import mean_gate_scores, train_local
 from ddome_strategy.models import build_gate
 
 CFG = {"momentum": 0.9, "lr": 0.05, "gate-lr": 0.05, "local-epochs": 1, "batch-size": 32}

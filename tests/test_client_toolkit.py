@@ -1,0 +1,169 @@
+"""The client toolkit (ddome_strategy.client) on modules and data the project never uses:
+every reply follows the protocol, embeddings are computed once, a node that cannot work
+answers with an error naming it."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from ddome_strategy import client as toolkit
+from ddome_strategy.arrays import moe_prefixes, pack_moe, select
+from ddome_strategy.client import ClientData, DDOMEClient
+from ddome_strategy.protocol import (
+    CLIENT_CONFIG,
+    COMMON_EXPERT,
+    CONFIG,
+    EVALUATE,
+    ROLE_QUERY,
+    ROUTE_QUERY,
+    TRAIN,
+    NodeSetup,
+    reply_problem,
+)
+
+M = 3
+
+
+class Conv(nn.Module):
+    """A common expert unlike the project's: 1-d convolutions, 6 features, 4 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(1, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.classify = nn.Linear(6, 4)
+
+    def embed(self, x):
+        return self.features(x.unsqueeze(1))
+
+    def forward(self, x):
+        return self.classify(self.embed(x))
+
+
+def data(train=40, evaluate=20) -> ClientData:
+    g = torch.Generator().manual_seed(train)
+    return ClientData(
+        torch.randn(train, 10, generator=g),
+        torch.randint(0, 4, (train,), generator=g),
+        torch.randn(evaluate, 10, generator=g),
+        torch.randint(0, 4, (evaluate,), generator=g),
+        {0: 0, 1: 1, 2: 2},
+    )
+
+
+def make_app(loads: list, check_node=None) -> ClientApp:
+    def load_data(cfg, context):
+        loads.append(context.node_id)
+        return data(train=0 if context.node_config.get("role") == "test" else 40)
+
+    return DDOMEClient(
+        load_data=load_data,
+        build_common_expert=lambda cfg, d: Conv(),
+        build_gate=lambda cfg, dim: nn.Sequential(nn.Linear(dim, 5), nn.Tanh(), nn.Linear(5, M)),
+        build_expert=lambda cfg, d: nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)),
+        check_node=check_node,
+    ).register(ClientApp())
+
+
+def global_arrays() -> ArrayRecord:
+    torch.manual_seed(0)
+    gate = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, M))
+    experts = [nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)) for _ in range(M)]
+    return pack_moe(gate, experts)
+
+
+def context(node_config=None) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config or {}, state=RecordDict(), run_config={})
+
+
+def message(message_type, arrays=None, setup=None, **config) -> Message:
+    content = RecordDict({CONFIG: ConfigRecord(config)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    if setup is not None:
+        setup.attach(7, content)
+    return Message(content=content, dst_node_id=7, message_type=message_type)
+
+
+def test_a_clientapp_from_own_modules_answers_every_message_by_the_protocol(monkeypatch):
+    embedded = []
+    real_embed = toolkit.embed
+    monkeypatch.setattr(toolkit, "embed", lambda model, x: embedded.append(len(x)) or real_embed(model, x))
+    loads = []
+    app = make_app(loads)
+    ctx = context({"partition-id": 4})
+    setup = NodeSetup({"lr": 0.1, "batch-size": 8}, ArrayRecord(Conv().state_dict()))
+    arrays = global_arrays()
+
+    role = app(message(ROLE_QUERY), ctx)
+    assert reply_problem(ROLE_QUERY, role.content, num_experts=M) is None
+    assert dict(role.content[CONFIG]) == {"partition-id": 4}
+
+    route = app(message(ROUTE_QUERY, select(arrays, ["gate."]), setup, **{"server-round": 1}), ctx)
+    assert reply_problem(ROUTE_QUERY, route.content, num_experts=M) is None
+
+    sent = select(arrays, moe_prefixes([0, 2]))
+    train = app(message(TRAIN, sent, setup, **{"server-round": 1, "experts": [0, 2], "role": "normal"}), ctx)
+    assert reply_problem(TRAIN, train.content, num_experts=M, sent=sent) is None
+    trained = train.content["arrays"]
+    assert any(
+        not torch.equal(torch.from_numpy(trained[k].numpy()), torch.from_numpy(sent[k].numpy()))
+        for k in sent
+        if k.startswith("expert.2.")
+    )
+    assert train.content["metrics"]["num-examples"] == 40
+
+    anchor_sent = select(arrays, moe_prefixes([1]))
+    anchor = app(message(TRAIN, anchor_sent, setup, **{"server-round": 2, "experts": [1], "role": "anchor"}), ctx)
+    assert reply_problem(TRAIN, anchor.content, num_experts=M, sent=anchor_sent) is None
+    assert 0 <= anchor.content["metrics"]["routing-acc"] <= 1
+
+    evaluate = app(message(EVALUATE, sent, setup, **{"server-round": 2, "experts": [0, 2]}), ctx)
+    assert reply_problem(EVALUATE, evaluate.content, num_experts=M) is None
+    metrics = evaluate.content["metrics"]
+    # The default rule is the gated mixture; every rule is reported, and the routing error.
+    assert metrics["zero-shot-acc"] == metrics["mixture-acc"]
+    assert 0 <= metrics["routing-error"] <= 1 and metrics["num-examples"] == 20
+    # The common expert came once: train and eval inputs were embedded once for four messages.
+    assert embedded == [40, 20]
+    assert COMMON_EXPERT not in message(EVALUATE, sent, setup).content
+
+
+def test_a_test_node_routes_on_its_unlabelled_data():
+    app = make_app([])
+    setup = NodeSetup({}, ArrayRecord(Conv().state_dict()))
+    ctx = context({"role": "test"})
+    route = app(message(ROUTE_QUERY, select(global_arrays(), ["gate."]), setup, **{"server-round": 1}), ctx)
+    assert reply_problem(ROUTE_QUERY, route.content, num_experts=M) is None
+
+
+@pytest.mark.parametrize(
+    ("node_config", "refusal"),
+    [
+        ({"role": "boss"}, "role='boss' is not one of anchor, normal, test"),
+        ({"role": "anchor"}, "needs expert=<i>"),
+        ({"partition-id": 1, "data-path": "/nowhere"}, "no data at /nowhere"),
+    ],
+)
+def test_a_node_that_cannot_take_part_says_so_on_the_role_query(node_config, refusal):
+    def check_node(ctx):
+        if "data-path" in ctx.node_config:
+            raise ValueError(f"no data at {ctx.node_config['data-path']}")
+
+    reply = make_app([], check_node)(message(ROLE_QUERY), context(node_config))
+    assert reply.has_error() and reply.error.reason.startswith("node 7: ") and refusal in reply.error.reason
+
+
+def test_a_node_that_lost_its_setup_asks_for_it_with_an_error_reply():
+    app = make_app([])
+    ctx = context({"partition-id": 4})
+    gate = select(global_arrays(), ["gate."])
+    # A restarted node: neither the client configuration nor the common expert.
+    reply = app(message(ROUTE_QUERY, gate, **{"server-round": 3}), ctx)
+    assert reply.has_error() and "node 7: no client configuration" in reply.error.reason
+    # The client configuration came back but not the common expert: no embeddings.
+    setup = NodeSetup({})
+    reply = app(message(ROUTE_QUERY, gate, setup, **{"server-round": 3}), ctx)
+    assert reply.has_error() and "resend the common expert" in reply.error.reason
+    assert CLIENT_CONFIG in ctx.state  # kept: the next message needs only the common expert
