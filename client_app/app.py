@@ -1,40 +1,56 @@
-"""DDOME ClientApp: the client toolkit (:class:`ddome_strategy.client.DDOMEClient`) on
-this project's data and models, and the benchmark's baselines.
+"""DDOME ClientApp (``client_app.app:app``): this project's handlers
+(:mod:`client_app.handlers`), run where they are cheapest.
 
-- ``query.role``: this node's ``role`` (and ``expert``) from its node config, and its
-  ``partition-id`` if it has one; a node with ``data-path`` first checks its folder.
-- ``query.route``: the mean gate scores of the gate sent (the routing phase).
-- ``train``: joint training of the gate and the experts sent.
-- ``evaluate``: zero-shot evaluation with the gate and the experts sent.
-- ``train.single``, ``evaluate.single``, ``evaluate.ensemble``: the benchmark's
-  baselines (one model; the average of all experts).
+In Flower's simulation, and wherever the app is imported once, a message runs the handlers
+in this process. A deployed SuperNode starts a fresh ``flwr-clientapp`` process per
+message; importing PyTorch and the handlers there would cost every message seconds, and
+the node's data and embeddings would not survive it. There, each message is forwarded to
+the node's worker (:mod:`client_app.worker`), a process that stays up for the run with
+everything loaded, so this module imports nothing but Flower.
 
-A node reads its own folder (node config ``data-path``, :func:`client_app.task.node_data`)
-or, in the simulation, its ``partition-id`` of the dataset. A node that cannot read its
-folder gets an error reply naming it and the problem; the server logs it and leaves the
-node out.
+Node config ``worker=false`` (or the environment variable ``DDOME_CLIENT_WORKER=0``)
+runs the handlers in the message's own process; ``worker=true`` (or ``=1``) forces the
+worker.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client_app import baselines
-from client_app.task import build_expert, build_local_gate, check_node, node_data
-from ddome_strategy.client import DDOMEClient, replies_errors
+from client_app import worker
 
 app = ClientApp()
 
-# The four DDOME message types (docs/protocol.md).
-DDOMEClient(
-    load_data=node_data,
-    build_common_expert=build_expert,
-    build_gate=build_local_gate,
-    build_expert=build_expert,
-    check_node=check_node,
-).register(app)
+# Every message type the handlers answer (client_app/handlers.py).
+MESSAGE_TYPES = {
+    "query": ("role", "route"),
+    "train": ("default", "single"),
+    "evaluate": ("default", "single", "ensemble"),
+}
 
-# The benchmark's baselines (client_app/baselines.py).
-app.train("single")(replies_errors(baselines.train_single))
-app.evaluate("single")(replies_errors(baselines.evaluate_single))
-app.evaluate("ensemble")(replies_errors(baselines.evaluate_ensemble))
+
+def uses_worker(context: Context) -> bool:
+    """Whether this message goes to the node's worker: in a per-message ``flwr-clientapp``
+    process, unless the node config or the environment says otherwise."""
+    setting = context.node_config.get("worker", os.environ.get("DDOME_CLIENT_WORKER"))
+    if setting is None:
+        return Path(sys.argv[0]).name == "flwr-clientapp"
+    return str(setting).lower() in ("1", "true", "yes", "on")
+
+
+def handle(message: Message, context: Context) -> Message:
+    """Answer ``message`` with the project's handlers, in the node's worker or here."""
+    if uses_worker(context):
+        return worker.forward(message, context)
+    return importlib.import_module("client_app.handlers").app(message, context)
+
+
+for category, actions in MESSAGE_TYPES.items():
+    for action in actions:
+        getattr(app, category)(action)(handle)

@@ -3,13 +3,16 @@
 1. ``docker-compose config`` accepts every compose file and variant, and the variants
    carry the flags they promise (skipped when ``docker-compose`` is not installed; no
    Docker engine is needed).
-2. A real deployment on loopback: certificates and SuperNode keys from
+2. Real deployments on loopback: certificates and SuperNode keys from
    ``deploy/make-certs.sh``, a ``flower-superlink`` with TLS and SuperNode authentication,
    the SuperNodes' public keys registered with ``flwr supernode register``, one
-   ``flower-supernode`` per client (``--node-config "partition-id=<i>"``), then
-   ``flwr run`` of this repository with a tiny DDOME configuration on ``digits``. Checks:
-   the run completes, writes ``metrics.jsonl`` and checkpoints, and a SuperNode whose key
-   was not registered is refused.
+   ``flower-supernode`` per client, runs submitted the way a script does
+   (``python -m server_app.launch --superlink``, which exits 1 when a run fails):
+   - on node-local folders written by ``data.export``, with a broken sixth node;
+   - on partition ids, with an unregistered SuperNode (refused), a failing run (exit 1),
+     and a SuperNode killed mid-run and restarted (the run completes);
+   - behind ``deploy/fleet_proxy.py``: an outsider with the CA certificate can neither
+     register a key nor submit a run.
 
 The flags shared with ``docker-compose.yml`` / ``docker-compose.tls.yml`` are the TLS and
 authentication ones below (``SUPERLINK_TLS_FLAGS``, ``SUPERNODE_TLS_FLAGS``); a test
@@ -26,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +38,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from benchmarks.processes import Processes
 
 pytestmark = pytest.mark.deploy
 
@@ -183,100 +187,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()  # the command name may hold spaces or ")"
-
-
-def _start_time(pid: int) -> str | None:
-    fields = _stat(pid)
-    return fields[19] if fields else None  # field 22 of stat: start time in clock ticks
-
-
-def _tree(pids: list[int]) -> dict[int, str | None]:
-    """The pids and all their descendants (Flower detaches its SuperExecs into new
-    sessions, so a process group does not hold them), each with its start time so that a
-    reused pid is never signalled."""
-    children: dict[int, list[int]] = {}
-    if Path("/proc").is_dir():
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (fields := _stat(int(entry.name))):
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    seen: dict[int, str | None] = {}
-    stack = list(pids)
-    while stack:
-        pid = stack.pop()
-        if pid not in seen:
-            seen[pid] = _start_time(pid)
-            stack.extend(children.get(pid, []))
-    return seen
-
-
-def _alive(pid: int, start_time: str | None) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z" and (start_time is None or fields[19] == start_time)
-
-
-class Processes:
-    """Processes started by this test, each in its own session; stopped by pid."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.env = env
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.log_dir,
-                start_new_session=True,
-            )
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str, tail: int = 4000) -> str:
-        path = self.log_dir / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return text[-tail:]
-
-    def logs(self) -> str:
-        return "\n".join(f"===== {name}\n{self.log(name, 2500)}" for name in self.procs)
-
-    def stop_all(self) -> None:
-        """SIGTERM our process groups (Flower shuts its SuperExecs down), then SIGTERM and
-        finally SIGKILL whatever of the recorded process tree is left."""
-        roots = [p.pid for p in self.procs.values() if p.poll() is None]
-        tree = _tree(roots)
-        for pid in roots:
-            try:
-                os.killpg(pid, signal.SIGTERM)  # the session/group each Popen started
-            except (ProcessLookupError, PermissionError):
-                pass
-        for sig, grace in ((None, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 3.0)):
-            if sig is not None:
-                for pid, started in tree.items():
-                    if _alive(pid, started):
-                        try:
-                            os.kill(pid, sig)
-                        except (ProcessLookupError, PermissionError):
-                            pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                for proc in self.procs.values():
-                    proc.poll()  # reap our direct children
-                if not any(_alive(pid, started) for pid, started in tree.items()):
-                    return
-                time.sleep(0.2)
-
-
 def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN_DIR / "flwr"), *args],
@@ -389,8 +299,9 @@ class Federation:
     def ca(self) -> Path:
         return self.certs / "ca.crt"
 
-    def supernode_args(self, key: Path, node_config: str, *extra: str) -> list[str]:
-        """A ``flower-supernode`` with TLS, its own key and ``node_config``."""
+    def supernode_args(self, key: Path, node_config: str, *extra: str, superlink: str = "") -> list[str]:
+        """A ``flower-supernode`` with TLS, its own key and ``node_config``, connecting to
+        the SuperLink (or to ``superlink``, a proxy in front of it)."""
         return [
             str(BIN_DIR / "flower-supernode"),
             "--root-certificates",
@@ -398,7 +309,7 @@ class Federation:
             "--auth-supernode-private-key",
             str(key),
             "--superlink",
-            self.address,
+            superlink or self.address,
             "--node-config",
             node_config,
             "--host",
@@ -490,87 +401,54 @@ def wait_all_online(federation: Federation, processes: Processes) -> list[dict]:
     return _wait_for(_all_online, 90, f"{count} registered SuperNodes online", processes, interval=1.0)
 
 
-def run_to_completion(processes: Processes, run_config: list[str], outputs: Path) -> tuple[str, str]:
-    """``flwr run`` this repository, wait until it ends; its final status and the ServerApp's log."""
-    env = processes.env
-    result = _flwr(env, "run", str(REPO), "ddome-test", "--run-config", *run_config, "--format", "json", timeout=180)
-    payload = _json_out(result)
-    assert payload.get("success") and payload.get("run-id"), f"{payload}\n{processes.logs()}"
-    run_id = payload["run-id"]
-
-    def _run_status() -> str:
-        res = _flwr(env, "ls", "ddome-test", "--run-id", run_id, "--format", "json")
-        payload = _json_out(res)
-        runs = payload.get("runs", []) if payload.get("success") else []
-        return runs[0]["status"] if runs else ""
-
-    # Wait on the file system (the ServerApp writes summary.json last) and ask the
-    # SuperLink only now and then: every `flwr` call costs a CPU-second on small machines.
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    status, last_asked = "", time.monotonic()
-    while time.monotonic() < deadline:
-        if any(outputs.rglob("summary.json")) or time.monotonic() - last_asked > 20:
-            status, last_asked = _run_status(), time.monotonic()
-            if status.startswith("finished"):
-                break
+def launch(
+    processes: Processes, run_config: str, while_running=None, timeout: float = RUN_TIMEOUT_S
+) -> tuple[int, str]:
+    """Submit this repository to the ``ddome-test`` SuperLink the way a script does
+    (``python -m server_app.launch --superlink``: it streams the run's log and exits 0 only
+    if the run completed); its exit status and output. ``while_running()`` is called
+    about every second until it ends."""
+    log_path = processes.log_dir / "launch.log"
+    command = [sys.executable, "-m", "server_app.launch", "--superlink", "ddome-test", "--run-config", run_config]
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=processes.env, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    while run.poll() is None:
+        if time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(f"the run did not end in {timeout:.0f}s\n{log_path.read_text()[-6000:]}\n{processes.logs()}")
+        if while_running is not None:
+            while_running()
         time.sleep(1.0)
-    run_log = _flwr(env, "log", run_id, "ddome-test", "--show", timeout=60)
-    text = run_log.stdout + run_log.stderr
-    (processes.log_dir / "serverapp.log").write_text(text)
-    assert status == "finished:completed", (
-        f"run {run_id} ended as {status!r} (timeout {RUN_TIMEOUT_S}s)\n--- flwr log\n{text[-6000:]}\n{processes.logs()}"
-    )
-    return status, text
+    return run.returncode, log_path.read_text()
 
 
-def check_results(outputs: Path) -> Path:
+def run_to_completion(processes: Processes, run_config: str, while_running=None, timeout: float = RUN_TIMEOUT_S) -> str:
+    """:func:`launch` a run that must complete; its output (the ServerApp's log)."""
+    status, text = launch(processes, run_config, while_running, timeout)
+    assert status == 0, f"the run failed (exit {status})\n{text[-6000:]}\n{processes.logs()}"
+    return text
+
+
+def metric_rows(outputs: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl under ``outputs`` so far."""
+    found = sorted(outputs.rglob("metrics.jsonl"))
+    return [json.loads(line) for f in found for line in f.read_text().splitlines() if line.strip()]
+
+
+def check_results(outputs: Path, rounds: int = ROUNDS) -> Path:
     """metrics for every round, the checkpoints and the summary; the run's folder."""
     metrics = sorted(outputs.rglob("metrics.jsonl"))
     assert len(metrics) == 1, f"no metrics.jsonl under {outputs}: {sorted(outputs.rglob('*'))}"
     run_dir = metrics[0].parent
-    records = [json.loads(line) for line in metrics[0].read_text().splitlines() if line.strip()]
+    records = metric_rows(outputs)
     trained = {r.get("round") for r in records if r.get("stage") == "train"}
-    assert trained == set(range(1, ROUNDS + 1)), records
-    assert any(r.get("stage") == "evaluate" and r.get("round") == ROUNDS for r in records), records
+    assert trained == set(range(1, rounds + 1)), records
+    assert any(r.get("stage") == "evaluate" and r.get("round") == rounds for r in records), records
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
     assert "moe.pt" in checkpoints and "common_expert.pt" in checkpoints, checkpoints
     assert (run_dir / "summary.json").is_file()
     return run_dir
-
-
-def test_tls_authenticated_deployment_runs_ddome(tmp_path: Path, processes: Processes) -> None:
-    _require_binaries()
-    federation = start_federation(tmp_path, processes, NUM_NODES, NUM_NODES + 1)
-    keys = federation.certs / "keys"
-
-    # 5. one SuperNode per partition, each with TLS and its own key
-    for i in range(NUM_NODES):
-        processes.start(f"supernode-{i}", federation.supernode_args(keys / f"supernode-{i}", f"partition-id={i}"))
-    intruder = processes.start(
-        "supernode-unregistered",
-        federation.supernode_args(keys / f"supernode-{NUM_NODES}", "partition-id=0", "--max-retries", "3"),
-    )
-    nodes = wait_all_online(federation, processes)
-
-    # 6. the unregistered SuperNode is refused: it exits non-zero and never shows up
-    try:
-        intruder.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the unregistered SuperNode is still running\n{processes.log('supernode-unregistered')}")
-    assert intruder.returncode != 0, processes.log("supernode-unregistered")
-    assert {n["node-id"] for n in nodes} == federation.registered
-
-    # 7. run DDOME on the federation
-    outputs, cache = tmp_path / "outputs", tmp_path / "cache"
-    run_to_completion(processes, [f"{RUN_CONFIG} output-dir='{outputs}' cache-dir='{cache}'"], outputs)
-
-    # 8. results: metrics for every round and the checkpoints
-    check_results(outputs)
-    assert any(cache.rglob("*")), "the common expert was not cached in cache-dir"
-    # the SuperLink is still serving, and every registered SuperNode ran ClientApps
-    assert federation.superlink.poll() is None
-    for i in range(NUM_NODES):
-        assert "Receiving:" in processes.log(f"supernode-{i}", tail=10**7), f"supernode-{i} got no message"
 
 
 def test_tls_authenticated_deployment_on_node_local_folders(tmp_path: Path, processes: Processes) -> None:
@@ -609,13 +487,120 @@ def test_tls_authenticated_deployment_on_node_local_folders(tmp_path: Path, proc
     outputs, cache = tmp_path / "outputs", tmp_path / "cache"
     run_config = tmp_path / "run.toml"
     run_config.write_text((out / "run-config.toml").read_text() + f"output-dir = '{outputs}'\ncache-dir = '{cache}'\n")
-    _, log = run_to_completion(processes, [str(run_config)], outputs)
+    log = run_to_completion(processes, str(run_config))
 
     run_dir = check_results(outputs)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["zero-shot-acc"] is not None and 0 <= summary["zero-shot-acc"] <= 1
     assert summary["routing-error"] is not None  # anchor-labels came with the run config
     assert "Clients: 3 anchors, 1 normal, 1 unseen test" in log, log[-4000:]
-    assert f"node {broken}: no recognised layout" in log, log[-4000:]
+    assert f": data folder {broken}: no recognised layout" in log, log[-4000:]
     for i in range(NUM_NODES):
         assert "Receiving:" in processes.log(f"supernode-{i}", tail=10**7), f"supernode-{i} got no message"
+
+
+def test_a_lost_supernode_costs_only_its_part_and_rejoins_after_a_restart(tmp_path: Path, processes: Processes) -> None:
+    """A DDOME run on real processes with TLS and SuperNode authentication (one SuperNode per
+    partition id): a SuperNode whose key was not registered is refused; a run that fails is
+    seen by a script (exit 1). Then the normal client's SuperNode is killed with its
+    ClientApp processes after round 1 and started again, with nothing kept, two rounds
+    later: the run goes on without it, finds it again, resends it the common expert, and
+    completes with its results and checkpoints."""
+    _require_binaries()
+    federation = start_federation(tmp_path, processes, NUM_NODES, NUM_NODES + 1)
+    keys = federation.certs / "keys"
+
+    def start_node(i: int, name: str) -> subprocess.Popen:
+        return processes.start(name, federation.supernode_args(keys / f"supernode-{i}", f"partition-id={i}"))
+
+    for i in range(NUM_NODES):
+        start_node(i, f"supernode-{i}")
+    intruder = processes.start(
+        "supernode-unregistered",
+        federation.supernode_args(keys / f"supernode-{NUM_NODES}", "partition-id=0", "--max-retries", "3"),
+    )
+    nodes = wait_all_online(federation, processes)
+    # The unregistered SuperNode is refused: it exits non-zero and never shows up.
+    try:
+        intruder.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the unregistered SuperNode is still running\n{processes.log('supernode-unregistered')}")
+    assert intruder.returncode != 0, processes.log("supernode-unregistered")
+    assert {n["node-id"] for n in nodes} == federation.registered
+    outputs, cache = tmp_path / "outputs", tmp_path / "cache"
+    where = f"output-dir='{outputs}' cache-dir='{cache}'"
+
+    # A ServerApp that raises (top-k above num-experts): the script's exit status says so.
+    status, text = launch(processes, f"{RUN_CONFIG} top-k=7 {where}")
+    assert status == 1 and "failed" in text.strip().splitlines()[-1], text[-3000:]
+
+    lost, rounds = 3, 6  # partition 3: the only normal client, trained every round
+    done = {}
+
+    def kill_then_restart():
+        trained = max((r["round"] for r in metric_rows(outputs) if r["stage"] == "train"), default=0)
+        if "killed" not in done and trained >= 1:
+            processes.kill(f"supernode-{lost}")  # the machine is gone, its ClientApp processes too
+            done["killed"] = trained
+        elif "killed" in done and "restarted" not in done and trained >= done["killed"] + 2:
+            start_node(lost, f"supernode-{lost}-restarted")
+            done["restarted"] = trained
+
+    config = RUN_CONFIG.replace(f"num-server-rounds={ROUNDS}", f"num-server-rounds={rounds}")
+    log = run_to_completion(processes, f"{config} {where}", kill_then_restart, timeout=3 * RUN_TIMEOUT_S)
+
+    assert "restarted" in done, done
+    check_results(outputs, rounds)
+    assert any(cache.rglob("*")), "the common expert was not cached in cache-dir"
+    assert federation.superlink.poll() is None  # still serving
+    replies = {r["round"]: r["num-replies"] for r in metric_rows(outputs) if r["stage"] == "train"}
+    full = replies[1]  # 2 anchors + the normal client
+    assert min(replies.values()) == full - 1, replies  # rounds without the lost node: its part only
+    assert replies[rounds] == full, replies  # back, and trained again
+    assert f"normal, partition-id {lost}]" in log, log[-4000:]  # its loss was logged, by role and partition
+    assert "no common-expert embeddings" not in log, log[-4000:]
+    assert "Receiving:" in processes.log(f"supernode-{lost}-restarted", tail=10**7)
+
+
+def test_only_the_operator_submits_runs_and_registers_keys(tmp_path: Path, processes: Processes) -> None:
+    """The SuperLink listens on loopback only; deploy/fleet_proxy.py serves its Fleet API on
+    the address the SuperNodes reach. An outsider holding the CA certificate (every node has
+    it) cannot register a key or submit a run there (403); a registered SuperNode connects
+    through the proxy; the operator, on the SuperLink's own address, can do both."""
+    _require_binaries()
+    federation = start_federation(tmp_path, processes, 1, 2)
+    keys = federation.certs / "keys"
+    proxy_address = f"127.0.0.1:{_free_port()}"
+    processes.start(
+        "fleet-proxy",
+        [
+            sys.executable,
+            str(REPO / "deploy" / "fleet_proxy.py"),
+            "--listen",
+            proxy_address,
+            "--superlink",
+            federation.address,
+            "--certs",
+            str(federation.certs),
+        ],
+    )
+    config = Path(processes.env["FLWR_HOME"]) / "config.toml"
+    config.write_text(
+        config.read_text()
+        + f'\n[superlink.outsider]\naddress = "{proxy_address}"\nroot-certificates = "{federation.ca}"\n'
+    )
+    node = processes.start(
+        "supernode-0", federation.supernode_args(keys / "supernode-0", "partition-id=0", superlink=proxy_address)
+    )
+    nodes = wait_all_online(federation, processes)  # the registered SuperNode came in through the proxy
+    assert node.poll() is None and len(nodes) == 1
+
+    register = _flwr(processes.env, "supernode", "register", str(keys / "supernode-1.pub"), "outsider")
+    assert register.returncode != 0 and "403" in register.stdout + register.stderr, register
+    submit = _flwr(processes.env, "run", str(REPO), "outsider", "--format", "json", timeout=180)
+    assert not _json_out(submit).get("success") and "403" in submit.stdout, submit
+    listing = _flwr(processes.env, "ls", "outsider", "--format", "json")
+    assert not _json_out(listing).get("success"), listing
+    # The operator's view: one SuperNode, no run, no second key.
+    assert len(_json_out(_flwr(processes.env, "supernode", "list", "ddome-test", "--format", "json"))["nodes"]) == 1
+    assert _json_out(_flwr(processes.env, "ls", "ddome-test", "--format", "json")).get("runs") == []
