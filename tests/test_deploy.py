@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
+from flwr.app import Context, RecordDict
 
-from benchmarks.processes import Processes
+from benchmarks.processes import Processes, process_tree
 
 pytestmark = pytest.mark.deploy
 
@@ -293,7 +296,11 @@ class Federation:
     address: str
     certs: Path
     superlink: subprocess.Popen
-    registered: set[str]
+    node_ids: list[str]  # of the registered keys, in key order
+
+    @property
+    def registered(self) -> set[str]:
+        return set(self.node_ids)
 
     @property
     def ca(self) -> Path:
@@ -372,16 +379,16 @@ def start_federation(tmp_path: Path, processes: Processes, num_registered: int, 
     _wait_for(_superlink_up, 60, "the SuperLink's Control API", processes)
 
     # 4. register the SuperNodes' public keys (not the intruders')
-    registered: set[str] = set()
+    node_ids: list[str] = []
     for i in range(num_registered):
         result = _flwr(
             env, "supernode", "register", str(certs / "keys" / f"supernode-{i}.pub"), "ddome-test", "--format", "json"
         )
         payload = _json_out(result)
         assert payload.get("success"), payload
-        registered.add(str(payload["node-id"]))
-    assert len(registered) == num_registered
-    return Federation(address, certs, superlink, registered)
+        node_ids.append(str(payload["node-id"]))
+    assert len(set(node_ids)) == num_registered
+    return Federation(address, certs, superlink, node_ids)
 
 
 def wait_all_online(federation: Federation, processes: Processes) -> list[dict]:
@@ -399,6 +406,13 @@ def wait_all_online(federation: Federation, processes: Processes) -> list[dict]:
 
     count = len(federation.registered)
     return _wait_for(_all_online, 90, f"{count} registered SuperNodes online", processes, interval=1.0)
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def launch(
@@ -456,7 +470,9 @@ def test_tls_authenticated_deployment_on_node_local_folders(tmp_path: Path, proc
     SuperNode is started with only its own folder and declares its role (no partition id);
     the ServerApp pretrains the common expert on public/ and never opens the dataset. One
     extra, registered SuperNode holds a malformed folder: its error is logged and the run
-    completes without it."""
+    completes without it. The ServerApp is killed during round 2 (the script sees exit 1)
+    and the run resumed from its folder: it ends exactly as the same run uninterrupted, in
+    one process, on the same folders and node ids."""
     _require_binaries()
     from data.export import main as export_main
 
@@ -487,10 +503,44 @@ def test_tls_authenticated_deployment_on_node_local_folders(tmp_path: Path, proc
     outputs, cache = tmp_path / "outputs", tmp_path / "cache"
     run_config = tmp_path / "run.toml"
     run_config.write_text((out / "run-config.toml").read_text() + f"output-dir = '{outputs}'\ncache-dir = '{cache}'\n")
-    log = run_to_completion(processes, str(run_config))
+    killed = []
 
-    run_dir = check_results(outputs)
+    def kill_serverapp_in_round_2():
+        if not killed and any(r["stage"] == "train" for r in metric_rows(outputs)):
+            tree = process_tree([federation.superlink.pid])
+            killed.extend(p for p in tree if "flwr-serverapp" in _command_line(p))
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    status, first = launch(processes, str(run_config), kill_serverapp_in_round_2)
+    assert killed and status == 1, first[-3000:]
+    (run_dir,) = {path.parent for path in outputs.rglob("metrics.jsonl")}
+    resume_config = tmp_path / "resume.toml"
+    resume_config.write_text(run_config.read_text() + f"resume = '{run_dir}'\n")
+    resumed = run_to_completion(processes, str(resume_config))
+    log = first + resumed
+
+    check_results(outputs)
     summary = json.loads((run_dir / "summary.json").read_text())
+    # The same run in one process, uninterrupted: same folders, same node ids (they seed
+    # the nodes' shuffling when there is no partition id).
+    from client_app.app import app as client_app
+    from server_app.app import run_ddome
+    from server_app.config import DEFAULTS
+    from server_app.inprocess import InProcessGrid
+
+    grid = InProcessGrid(client_app, 0)
+    for node_id, node in zip(federation.node_ids, nodes):
+        config = {"data-path": node["path"], "role": node["role"]}
+        config |= {"expert": node["expert"]} if node["expert"] is not None else {}
+        grid.contexts[int(node_id)] = Context(
+            run_id=1, node_id=int(node_id), node_config=config, state=RecordDict(), run_config={}
+        )
+    exported = tomllib.loads((out / "run-config.toml").read_text())
+    uninterrupted = run_ddome(
+        grid, {**DEFAULTS, **exported, "output-dir": str(tmp_path / "one-process"), "cache-dir": str(cache)}
+    )
+    assert summary["zero-shot-acc"] == uninterrupted["zero-shot-acc"]
     assert summary["zero-shot-acc"] is not None and 0 <= summary["zero-shot-acc"] <= 1
     assert summary["routing-error"] is not None  # anchor-labels came with the run config
     assert "Clients: 3 anchors, 1 normal, 1 unseen test" in log, log[-4000:]
