@@ -1,4 +1,4 @@
-"""The deployed node's worker (client_app.worker): a run whose every message goes through
+"""The deployed node's worker (ddome_strategy.worker): a run whose every message goes through
 the nodes' workers ends exactly as the same run in one process; a worker that dies costs
 its node one message and the run goes on."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client_app.app import app as client_app
-from client_app.app import uses_worker
+from ddome_strategy.worker import uses_worker
 from server_app.app import run_ddome
 from server_app.inprocess import InProcessGrid
 
