@@ -4,9 +4,11 @@ Import the strategy into any Flower ServerApp::
 
     from ddome_strategy import DDOME, layout_roles, pack_moe
 
-The PyTorch model builders and losses (:mod:`~ddome_strategy.models`,
-:mod:`~ddome_strategy.moe`) are imported on first use, so that importing the strategy
-does not load PyTorch.
+The client side of the protocol (docs/protocol.md) is the toolkit
+:mod:`ddome_strategy.client` (``DDOMEClient``), and :mod:`ddome_strategy.worker` keeps it
+loaded between a deployment's per-message processes. The PyTorch model builders and losses
+(:mod:`~ddome_strategy.models`, :mod:`~ddome_strategy.moe`) are imported on first use, so
+that importing the strategy does not load PyTorch.
 """
 
 from importlib import import_module
