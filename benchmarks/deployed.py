@@ -167,6 +167,18 @@ def main(argv=None) -> None:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    # Per-message costs first, on a quiet machine (stopping 50 processes later disturbs it).
+    imports_flwr = fresh_process_seconds("import flwr.clientapp")
+    imports_app = fresh_process_seconds("import client_app.app")
+    node = nodes[0]["path"]
+    load = fresh_process_seconds(
+        "import tomllib; from client_app.task import load_own_data; from server_app.config import DEFAULTS, resolve; "
+        f"cfg = resolve({{**DEFAULTS, **tomllib.loads(open({str(run_config)!r}).read())}}); load_own_data(cfg, {node!r})"
+    )
+    config_only = fresh_process_seconds(
+        "import tomllib; import client_app.task; from server_app.config import DEFAULTS, resolve; "
+        f"cfg = resolve({{**DEFAULTS, **tomllib.loads(open({str(run_config)!r}).read())}})"
+    )
     print(f"== {len(nodes)} SuperNodes on loopback, {args.rounds} rounds; logs in {work / 'logs'}", flush=True)
     processes = start_federation(work, nodes, env)
     try:
@@ -195,17 +207,6 @@ def main(argv=None) -> None:
     finally:
         processes.stop_all()
 
-    imports_flwr = fresh_process_seconds("import flwr.clientapp")
-    imports_app = fresh_process_seconds("import client_app.app")
-    node = nodes[0]["path"]
-    load = fresh_process_seconds(
-        "import tomllib; from client_app.task import load_own_data; from server_app.config import DEFAULTS, resolve; "
-        f"cfg = resolve({{**DEFAULTS, **tomllib.loads(open({str(run_config)!r}).read())}}); load_own_data(cfg, {node!r})"
-    )
-    config_only = fresh_process_seconds(
-        "import tomllib; import client_app.task; from server_app.config import DEFAULTS, resolve; "
-        f"cfg = resolve({{**DEFAULTS, **tomllib.loads(open({str(run_config)!r}).read())}})"
-    )
     train = training_seconds(run_config, nodes)
     per_round = int(cfg["anchors-per-round"]) * train["anchor"] + int(cfg["normal-per-round"]) * train["normal"]
     training_round = per_round / min(CORES, int(cfg["anchors-per-round"]) + int(cfg["normal-per-round"]))
