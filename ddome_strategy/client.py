@@ -53,7 +53,7 @@ from .moe import (
     zero_shot_predictions,
 )
 from .protocol import ARRAYS, CLIENT_CONFIG, COMMON_EXPERT, CONFIG, METRICS, check_version
-from .roles import ANCHOR, NORMAL, TEST
+from .roles import ANCHOR, declared_role
 
 # Training settings a client configuration may set, and their values when it does not.
 TRAINING_DEFAULTS = {
@@ -253,24 +253,6 @@ def replies_errors(handler: Callable[[Message, Context], Message]) -> Callable[[
     return wrapped
 
 
-def declared_role(context: Context) -> dict:
-    """The role reply from the node config: ``role`` (and ``expert``), ``partition-id``;
-    whichever of them the node config sets."""
-    node = context.node_config
-    declared = {}
-    if "partition-id" in node:
-        declared["partition-id"] = int(node["partition-id"])
-    if "role" in node:
-        if node["role"] not in (ANCHOR, NORMAL, TEST):
-            raise ValueError(f"node config role={node['role']!r} is not one of {ANCHOR}, {NORMAL}, {TEST}.")
-        declared["role"] = str(node["role"])
-        if node["role"] == ANCHOR:
-            if "expert" not in node:
-                raise ValueError("node config role='anchor' needs expert=<i> (the expert it anchors).")
-            declared["expert"] = int(node["expert"])
-    return declared
-
-
 class DDOMEClient:
     """The handlers of a DDOME ClientApp, from your own data and model builders.
 
@@ -353,7 +335,7 @@ class DDOMEClient:
     def role(self, message: Message, context: Context) -> Message:
         """``query.role``: ``role`` (and ``expert``) and ``partition-id``, whichever the
         node config declares, after :attr:`check_node`."""
-        declared = declared_role(context)
+        declared = declared_role(context.node_config)
         if self.check_node is not None:
             self.check_node(context)
         return Message(RecordDict({CONFIG: ConfigRecord(declared)}), reply_to=message)

@@ -4,7 +4,7 @@ baselines all read it from here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 ANCHOR, NORMAL, TEST = "anchor", "normal", "test"
 
@@ -40,3 +40,20 @@ def layout_roles(num_experts: int, num_train_clients: int, *, anchors: bool = Tr
         return (NORMAL, -1) if role == ANCHOR and not anchors else (role, expert)
 
     return role_of
+
+
+def declared_role(node: Mapping) -> dict:
+    """A node's reply to the role query from its node config: ``role`` (and ``expert``
+    for an anchor) and ``partition-id``, whichever it sets; ``ValueError`` if they are wrong."""
+    declared = {}
+    if "partition-id" in node:
+        declared["partition-id"] = int(node["partition-id"])
+    if "role" in node:
+        if node["role"] not in (ANCHOR, NORMAL, TEST):
+            raise ValueError(f"node config role={node['role']!r} is not one of {ANCHOR}, {NORMAL}, {TEST}.")
+        declared["role"] = str(node["role"])
+        if node["role"] == ANCHOR:
+            if "expert" not in node:
+                raise ValueError("node config role='anchor' needs expert=<i> (the expert it anchors).")
+            declared["expert"] = int(node["expert"])
+    return declared

@@ -423,7 +423,7 @@ class DDOME(Strategy):
         # The SuperLink answers for a node it lost with an error from itself (node id 1):
         # the message it replies to names the node.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-        good, answered = [], set()
+        good, answered, served = [], set(), set()
         for reply in replies:
             node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
@@ -433,8 +433,9 @@ class DDOME(Strategy):
                 )
                 continue
             good.append(reply)
+            served.add(node)
         self._log_missing(phase, asked - answered)
-        for node in asked - {r.metadata.src_node_id for r in good}:
+        for node in asked - served:
             self.setup.forget(node)
         return Exchange(
             good, sum(_array_bytes(m.content) for m in messages), sum(_array_bytes(r.content) for r in good)

@@ -20,8 +20,9 @@ def reply(message: Message, **records) -> Message:
 
 @client.query("role")
 def role(message: Message, context: Context) -> Message:
-    declared = {k: context.node_config[k] for k in ("role", "expert", "partition-id") if k in context.node_config}
-    return reply(message, config=ConfigRecord(declared))
+    from ddome_strategy.roles import declared_role  # as the real ClientApp answers; no torch
+
+    return reply(message, config=ConfigRecord(declared_role(context.node_config)))
 
 
 @client.query("route")
