@@ -56,13 +56,14 @@ from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, load_preset, resolve
 from server_app.inprocess import InProcessGrid
 
-METHODS = ("ddome", "ddome-paper", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
-# DDOME as the paper runs it (K = 2, top-1 of K, the spec's local training), beside the default.
-PAPER_PRESET = "configs/paper.yaml"
+METHODS = ("ddome", "ddome-paper", "ddome-generalist", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
+# DDOME beside its default, each a preset on top of it: as the paper runs it (K = 2, top-1
+# of K, the spec's local training), and with a generalist expert (an ablation row).
+VARIANT_PRESETS = {"ddome-paper": "configs/paper.yaml", "ddome-generalist": "configs/generalist.yaml"}
 # Methods run as they are, never tuned.
 UNTUNED = ("ddome-paper", "common-expert")
 # The options that make DDOME's default, recorded with every run.
-DDOME_OPTIONS = ("top-k", "top-k-min", "dispatch-mass", "zero-shot-rule", "dirichlet-anchors")
+DDOME_OPTIONS = ("top-k", "top-k-min", "dispatch-mass", "zero-shot-rule", "dirichlet-anchors", "generalist")
 ENGINES = ("inprocess", "simulation")
 
 # The same grid for every method (the gate's learning rate stays a tenth of the experts',
@@ -439,12 +440,12 @@ def setting_name(setting: dict) -> str:
 
 def run_one(args, seed: int, method: str, setting: dict, split: str, label: str) -> dict:
     """One method at one setting for one seed on ``split``, on a fresh federation."""
-    preset = load_preset(PAPER_PRESET) if method == "ddome-paper" else {}
+    preset = load_preset(VARIANT_PRESETS[method]) if method in VARIANT_PRESETS else {}
     cfg = resolve_config(args, seed, {**preset, **setting, "evaluation-split": split})
     dataset, common, _ = build_common_expert(cfg)
     name = f"[{label} seed {seed}] {method} ({setting_name(setting)})"
     print(f"{name} ...", flush=True)
-    result = run_on_engine(args.engine, method.removesuffix("-paper"), cfg, dataset, common, lambda line: None)
+    result = run_on_engine(args.engine, "ddome" if method in VARIANT_PRESETS else method, cfg, dataset, common, lambda line: None)
     result["method"] = method
     result["ddome-options"] = {k: cfg[k] for k in DDOME_OPTIONS}
     trained_with = {k: cfg[k] for k in ("batch-size", "lr")} if method != "common-expert" else {}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.compare import METHODS, flower_log_level, run_tasks, summarise
+from benchmarks.compare import METHODS, UNTUNED, VARIANT_PRESETS, flower_log_level, run_tasks, summarise
 from benchmarks.compare import parse_args as compare_args
 from benchmarks.report import NAMES
 from ddome_strategy.moe import ZERO_SHOT_RULES
@@ -63,6 +63,16 @@ def chosen_settings(path: str) -> dict[str, dict]:
         return {}
     results = json.loads(Path(path).read_text())["results"]
     return {r["method"]: r["setting"] for r in results if r["kind"] == "best"}
+
+
+def setting_of(method: str, chosen: dict[str, dict]) -> dict:
+    """``method``'s chosen setting; a tuned DDOME variant the tuning run did not cover
+    trains at DDOME's (its preset changes the method, not the local training)."""
+    if method in chosen:
+        return chosen[method]
+    if method in VARIANT_PRESETS and method not in UNTUNED:
+        return chosen.get("ddome", {})
+    return {}
 
 
 def matrix_table(results: list[dict], columns: list[str]) -> str:
@@ -132,7 +142,7 @@ def main(argv=None) -> Path:
         setting_args = compare_args(["--config-file", preset, "--run-config", *run_config])
         for seed in seeds:
             for method in methods:
-                tasks.append((setting_args, seed, method, chosen.get(method, {}), "test", column))
+                tasks.append((setting_args, seed, method, setting_of(method, chosen), "test", column))
                 columns_of.append(column)
     started = time.perf_counter()
     with flower_log_level(logging.WARNING):

@@ -21,6 +21,7 @@ from server_app.plots import plot_routing  # noqa: E402
 NAMES = {
     "ddome": "DDOME",
     "ddome-paper": "DDOME, paper config",
+    "ddome-generalist": "DDOME + generalist",
     "fedavg": "FedAvg",
     "fedprox": "FedProx",
     "fedmix": "FedMix",

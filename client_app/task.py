@@ -108,7 +108,7 @@ def build_expert(cfg, data: LocalData) -> Classifier:
 
 def build_local_gate(cfg, embedding_dim: int) -> nn.Module:
     """The gate of the configured width."""
-    return build_gate(embedding_dim, int(cfg["num-experts"]), int(cfg["gate-hidden"]))
+    return build_gate(embedding_dim, int(cfg["num-experts"]) + bool(cfg["generalist"]), int(cfg["gate-hidden"]))
 
 
 def expert_from(cfg, data: LocalData, record: ArrayRecord, prefix: str) -> Classifier:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -161,11 +162,14 @@ def train_local(
     y: torch.Tensor,
     anchor_expert: int | None,
     seed: int,
+    generalist: int | None = None,
 ) -> float:
     """Train the gate and the received experts jointly; return the mean loss.
 
     A normal client minimises the mixture cross-entropy over its K experts; an anchor
-    (``anchor_expert`` set) its expert's cross-entropy plus the one-hot gate loss. One
+    (``anchor_expert`` set) its expert's cross-entropy plus the one-hot gate loss. With a
+    ``generalist`` (the expert every client is sent), both add its own cross-entropy, so
+    that it learns from every client as FedAvg's model would. One
     SGD optimiser: ``lr`` for the experts, ``gate-lr`` for the gate, ``momentum``,
     ``local-epochs`` epochs of ``batch-size``.
     """
@@ -188,9 +192,13 @@ def train_local(
             gate_logits = gate(eb)
             if anchor_expert is not None:
                 loss = anchor_loss(experts[anchor_expert](xb), gate_logits, yb, anchor_expert)
+                if generalist is not None:
+                    loss = loss + F.cross_entropy(experts[generalist](xb), yb)
             else:
                 expert_logits = torch.stack([experts[e](xb) for e in selected], dim=1)
                 loss = mixture_loss(gate_logits[:, selected], expert_logits, yb)
+                if generalist is not None:
+                    loss = loss + F.cross_entropy(expert_logits[:, selected.index(generalist)], yb)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -359,8 +367,9 @@ class DDOMEClient:
             predicted = torch.softmax(predict(gate, cached["train"]), 1).argmax(1)
             metrics["routing-acc"] = float((predicted == anchor).float().mean())
         seed = node_seed(cfg, context)
+        generalist = int(cfg["generalist-expert"]) if "generalist-expert" in cfg else None
         metrics["train-loss"] = train_local(
-            cfg, gate, experts, data.train_x, cached["train"], data.train_y, anchor, seed
+            cfg, gate, experts, data.train_x, cached["train"], data.train_y, anchor, seed, generalist
         )
         arrays = pack_part(gate, GATE_PREFIX)
         for e, expert in experts.items():

@@ -44,7 +44,7 @@ TRAIN = MessageType.TRAIN
 EVALUATE = MessageType.EVALUATE
 
 # The config entries the strategy writes into a message's CONFIG record.
-PER_ROUND_KEYS = ("server-round", "experts", "role")
+PER_ROUND_KEYS = ("server-round", "experts", "role", "generalist-expert")
 
 
 def check_client_config(client_config: Mapping[str, object]) -> None:

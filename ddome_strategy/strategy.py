@@ -212,6 +212,10 @@ class DDOME(Strategy):
         Adaptive dispatch: send each client the fewest of its best-scored experts whose
         mean gate mass reaches this, between ``min_top_k`` and ``top_k``; 0 sends
         exactly ``top_k``.
+    generalist : bool (default: False)
+        Add expert ``M`` (the generalist): no anchor owns it, every client is sent it
+        beside its own or top-K experts and trains it, and the gate scores it like the
+        others (the arrays hold experts ``0..M`` and the gate ``M + 1`` outputs).
     anchors_per_round : int (default: 5)
         Anchor clients sampled per round (without replacement).
     normal_per_round : int (default: 5)
@@ -261,6 +265,7 @@ class DDOME(Strategy):
         top_k: int = 2,
         min_top_k: int = 1,
         dispatch_mass: float = 0.0,
+        generalist: bool = False,
         anchors_per_round: int = 5,
         normal_per_round: int = 5,
         common_expert: ArrayRecord | None = None,
@@ -295,6 +300,8 @@ class DDOME(Strategy):
         self.top_k = top_k
         self.min_top_k = min_top_k
         self.dispatch_mass = dispatch_mass
+        # The generalist's expert index (after the M anchor-owned experts), or None.
+        self.generalist = num_experts if generalist else None
         self.anchors_per_round = anchors_per_round
         self.normal_per_round = normal_per_round
         # Raises if client_config holds a per-round key (it would shadow it on the client).
@@ -318,6 +325,11 @@ class DDOME(Strategy):
         # The last evaluation's routing, for the run's heatmap: partition id -> role,
         # anchor expert, mean gate scores and the experts sent.
         self.last_routing: dict[int, dict] = {}
+
+    @property
+    def total_experts(self) -> int:
+        """Experts in the global arrays: the M anchor-owned ones and the generalist, if any."""
+        return self.num_experts + (self.generalist is not None)
 
     @property
     def common_expert(self) -> ArrayRecord | None:
@@ -511,7 +523,7 @@ class DDOME(Strategy):
             If ``initial_arrays`` is not a gate plus experts ``0..num_experts-1``, or
             ``timeout`` or ``first_round`` is impossible.
         """
-        reason = layout_error(initial_arrays, self.num_experts)
+        reason = layout_error(initial_arrays, self.total_experts)
         if reason:
             raise ValueError(f"initial_arrays {reason}.")
         _check_count("first_round", first_round, 1)
@@ -620,7 +632,7 @@ class DDOME(Strategy):
             "bytes-down": routing.exchange.bytes_down + training.bytes_down,
             "bytes-up": routing.exchange.bytes_up + training.bytes_up,
             "bytes-total": routing.exchange.bytes + training.bytes,  # routing + training, not evaluation
-            "expert-picks": np.bincount(picks, minlength=self.num_experts).tolist(),
+            "expert-picks": np.bincount(picks, minlength=self.total_experts).tolist(),
             "bytes/route": routing.exchange.bytes,
             "bytes/train": training.bytes,
         }
@@ -774,18 +786,26 @@ class DDOME(Strategy):
             if node not in asked or node in routing.experts:
                 log(WARNING, "%s: node %s sent a reply it was not asked for; ignored%s", phase, node, self._tag(node))
                 continue
-            problem = reply_problem(ROUTE_QUERY, reply.content, num_experts=self.num_experts)
+            problem = reply_problem(ROUTE_QUERY, reply.content, num_experts=self.total_experts)
             if problem:
                 self._reject(node, phase, problem, f"it is left out of round {server_round}")
                 continue
-            scores = gate_scores(reply.content, self.num_experts)
-            routing.experts[node] = adaptive_experts(scores, self.top_k, self.min_top_k, self.dispatch_mass)
+            scores = gate_scores(reply.content, self.total_experts)
+            # Top-K among the anchor-owned experts; the generalist is sent to everyone.
+            owned = scores[: self.num_experts] / max(scores[: self.num_experts].sum(), 1e-12)
+            routing.experts[node] = adaptive_experts(owned, self.top_k, self.min_top_k, self.dispatch_mass)
             routing.scores[node] = scores.tolist()
         return routing
 
     def _dispatch(self, clients_experts: Mapping[int, list[int]], arrays: ArrayRecord, config: dict, message_type: str):
+        extra, marked = ([], {}) if self.generalist is None else ([self.generalist], {"generalist-expert": self.generalist})
         return [
-            self._message(node, select(arrays, moe_prefixes(experts)), {**config, "experts": experts}, message_type)
+            self._message(
+                node,
+                select(arrays, moe_prefixes(experts + extra)),
+                {**config, **marked, "experts": experts + extra},
+                message_type,
+            )
             for node, experts in clients_experts.items()
         ]
 

@@ -129,13 +129,13 @@ def common_expert_on_node_local_data(cfg: dict):
 def build_moe(cfg: dict, dataset, common) -> ArrayRecord:
     """The initial gate (random) and experts (copies of the common expert, or random)."""
     torch.manual_seed(cfg["seed"])
-    gate = build_gate(common.feature_dim, cfg["num-experts"], cfg["gate-hidden"])
+    count = cfg["num-experts"] + cfg["generalist"]  # the generalist is expert M
+    gate = build_gate(common.feature_dim, count, cfg["gate-hidden"])
     if cfg["experts-init"] == "common":
-        experts = [copy.deepcopy(common) for _ in range(cfg["num-experts"])]
+        experts = [copy.deepcopy(common) for _ in range(count)]
     else:
         experts = [
-            build_model(cfg["arch"], dataset.input_shape, dataset.num_classes, cfg["mlp-hidden"])
-            for _ in range(cfg["num-experts"])
+            build_model(cfg["arch"], dataset.input_shape, dataset.num_classes, cfg["mlp-hidden"]) for _ in range(count)
         ]
     return pack_moe(gate, experts)
 
@@ -147,6 +147,7 @@ def build_strategy(cfg: dict, common, on_metrics=None, cls: type[DDOME] = DDOME,
         top_k=cfg["top-k"],
         min_top_k=cfg["top-k-min"],
         dispatch_mass=cfg["dispatch-mass"],
+        generalist=cfg["generalist"],
         anchors_per_round=cfg["anchors-per-round"],
         normal_per_round=cfg["normal-per-round"],
         common_expert=ArrayRecord(common.state_dict()),

@@ -6,6 +6,8 @@ import pytest
 from flwr.app import ArrayRecord, MessageType
 
 from benchmarks import compare
+from ddome_strategy.arrays import experts_in
+from ddome_strategy.protocol import ARRAYS
 from benchmarks.compare import METHODS, CountingGrid, main, parse_args, resolve_config, run_method, summarise
 from client_app.app import app as client_app
 from server_app.app import build_common_expert, build_moe
@@ -119,6 +121,31 @@ def test_bytes_per_round_equal_the_arrays_on_the_wire(method, digits_benchmark):
     result = run_method(method, cfg, dataset, common, lambda line: None, recording)
     assert recording.bytes > 0
     assert result["bytes-per-round"] == pytest.approx(recording.bytes / cfg["num-server-rounds"], rel=1e-9)
+
+
+def test_a_generalist_run_sends_and_trains_the_generalist_in_every_training_message(digits_benchmark):
+    cfg, dataset, common = digits_benchmark("num-server-rounds=3", "eval-train-clients=false", "generalist=true")
+    grid = InProcessGrid(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
+    train_nodes = [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]]
+    recording = RecordingGrid(grid, train_nodes)
+    sent_experts = []
+    send = recording.send_and_receive
+
+    def spy(messages, *, timeout=None):
+        messages = list(messages)
+        sent_experts.extend(
+            experts_in(m.content[ARRAYS]) for m in messages if m.metadata.message_type == MessageType.TRAIN
+        )
+        return send(messages, timeout=timeout)
+
+    recording.send_and_receive = spy
+    result = run_method("ddome", cfg, dataset, common, lambda line: None, recording)
+    m, k = cfg["num-experts"], cfg["top-k"]
+    assert len(sent_experts) == 3 * (cfg["anchors-per-round"] + cfg["normal-per-round"])
+    # Anchors: their own expert and the generalist; normal clients: top-K of 0..M-1 and it.
+    assert all(e[-1] == m and len(e) in (2, k + 1) and max(e[:-1]) < m for e in sent_experts)
+    assert result["bytes-per-round"] == pytest.approx(recording.bytes / cfg["num-server-rounds"], rel=1e-9)
+    assert result["zero-shot-acc"] > 0.3
 
 
 @pytest.mark.simulation

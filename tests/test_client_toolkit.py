@@ -167,3 +167,24 @@ def test_a_node_that_lost_its_setup_asks_for_it_with_an_error_reply():
     reply = app(message(ROUTE_QUERY, gate, setup, **{"server-round": 3}), ctx)
     assert reply.has_error() and "resend the common expert" in reply.error.reason
     assert CLIENT_CONFIG in ctx.state  # kept: the next message needs only the common expert
+
+
+@pytest.mark.parametrize("anchor", [0, None])
+def test_every_client_trains_the_generalist_on_its_own_loss(anchor):
+    # Expert 2 is the generalist: an anchor of expert 0 and a normal client (sent 1 and 2)
+    # both move it, and a normal client's mixture loss alone would leave the anchor's
+    # generalist untouched (an anchor's loss is its own expert's and the gate's).
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    gate = nn.Linear(4, 3)
+    experts = {e: nn.Linear(6, 3) for e in ([0, 2] if anchor == 0 else [1, 2])}
+    before = {e: m.weight.detach().clone() for e, m in experts.items()}
+    cfg = {**toolkit.TRAINING_DEFAULTS, "local-epochs": 1}
+    loss = toolkit.train_local(cfg, gate, experts, x, torch.randn(64, 4), y, anchor, seed=0, generalist=2)
+    assert torch.isfinite(torch.tensor(loss))
+    assert all(not torch.equal(before[e], m.weight) for e, m in experts.items())
+    without = {e: nn.Linear(6, 3) for e in experts}
+    for e in without:
+        without[e].load_state_dict({"weight": before[e], "bias": torch.zeros(3)})
+    toolkit.train_local(cfg, nn.Linear(4, 3), without, x, torch.randn(64, 4), y, anchor, seed=0)
+    assert torch.equal(without[2].weight, before[2]) == (anchor == 0)

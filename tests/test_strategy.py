@@ -331,6 +331,40 @@ def test_adaptive_dispatch_sends_each_client_the_experts_its_mass_needs_and_coun
     assert result.train_metrics["bytes-down"] == down + routing
 
 
+def test_the_generalist_goes_to_every_client_beside_the_top_k_of_the_anchor_owned_experts(fake_grid_class):
+    # Expert M is the generalist: the gate scores M + 1 experts; top-K is picked among 0..M-1.
+    arrays = ArrayRecord({**global_arrays(), f"expert.{M}.w": Array(np.full(2, 9.0, np.float32))})
+    favours_generalist = [0.1, 0.3, 0.05, 0.05, 0.5]
+    grid, clients = make_federation(fake_grid_class, range(100, 110), {p: favours_generalist for p in range(4, 10)})
+    for client in clients.values():
+        client.scores = np.asarray(favours_generalist)
+    strategy = make_strategy(generalist=True, anchors_per_round=2, normal_per_round=3)
+    assert (strategy.generalist, strategy.total_experts) == (M, M + 1)
+    strategy.num_rounds = 1
+    result = strategy.run_round(grid, 1, arrays)
+    messages = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    for m in messages:
+        cfg = m.content[CONFIG]
+        assert cfg["generalist-expert"] == M
+        if cfg["role"] == "anchor":
+            assert experts_in(m.content[ARRAYS]) == sorted([clients[m.metadata.dst_node_id].partition_id, M])
+        else:
+            assert list(cfg["experts"]) == [1, 0, M]  # the best two of 0..M-1, then the generalist
+            assert experts_in(m.content[ARRAYS]) == [0, 1, M]
+    # Every trainer sent the generalist back: it is their weighted mean (100 + partition id).
+    trainers = [clients[m.metadata.dst_node_id].partition_id for m in messages]
+    weights = np.array([10.0 * (p + 1) for p in trainers])
+    expected = float(np.dot(weights, [100.0 + p for p in trainers]) / weights.sum())
+    assert np.allclose(result.arrays[f"expert.{M}.w"].numpy(), expected)
+    assert result.train_metrics["expert-picks"][M] == 0  # picks count routing decisions only
+
+
+def test_a_generalist_run_refuses_arrays_without_the_generalist(fake_grid_class):
+    grid, _ = make_federation(fake_grid_class, range(100, 110))
+    with pytest.raises(ValueError, match="experts"):
+        make_strategy(generalist=True).start(grid, global_arrays(), num_rounds=1)
+
+
 # ---------------------------------------------------------------- what the strategy refuses
 
 
