@@ -56,10 +56,11 @@ from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, load_preset, resolve
 from server_app.inprocess import InProcessGrid
 
-METHODS = ("ddome", "ddome-paper", "ddome-generalist", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
+METHODS = ("ddome", "ddome-paper", "ddome-no-generalist", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
 # DDOME beside its default, each a preset on top of it: as the paper runs it (K = 2, top-1
-# of K, the spec's local training), and with a generalist expert (an ablation row).
-VARIANT_PRESETS = {"ddome-paper": "configs/paper.yaml", "ddome-generalist": "configs/generalist.yaml"}
+# of K, no generalist, the spec's local training), and without the generalist expert (an
+# ablation row: the default before it).
+VARIANT_PRESETS = {"ddome-paper": "configs/paper.yaml", "ddome-no-generalist": "configs/no-generalist.yaml"}
 # Methods run as they are, never tuned.
 UNTUNED = ("ddome-paper", "common-expert")
 # The options that make DDOME's default, recorded with every run.

@@ -21,7 +21,7 @@ from server_app.plots import plot_routing  # noqa: E402
 NAMES = {
     "ddome": "DDOME",
     "ddome-paper": "DDOME, paper config",
-    "ddome-generalist": "DDOME + generalist",
+    "ddome-no-generalist": "DDOME, no generalist",
     "fedavg": "FedAvg",
     "fedprox": "FedProx",
     "fedmix": "FedMix",

@@ -191,7 +191,10 @@ def train_local(
             xb, eb, yb = x[idx].to(device), embeddings[idx].to(device), y[idx].to(device)
             gate_logits = gate(eb)
             if anchor_expert is not None:
-                loss = anchor_loss(experts[anchor_expert](xb), gate_logits, yb, anchor_expert)
+                # The one-hot gate loss is over the anchor-owned experts 0..M-1: an anchor says
+                # which specialist owns its data, not that the generalist (expert M) is no help.
+                owned_logits = gate_logits if generalist is None else gate_logits[:, :generalist]
+                loss = anchor_loss(experts[anchor_expert](xb), owned_logits, yb, anchor_expert)
                 if generalist is not None:
                     loss = loss + F.cross_entropy(experts[generalist](xb), yb)
             else:

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "top-k": 2,
     "top-k-min": 1,
     "dispatch-mass": 0.0,
-    "generalist": False,
+    "generalist": True,
     "zero-shot-rule": "mixture",
     "num-train-clients": 20,
     "num-test-clients": 5,

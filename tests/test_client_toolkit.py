@@ -188,3 +188,17 @@ def test_every_client_trains_the_generalist_on_its_own_loss(anchor):
         without[e].load_state_dict({"weight": before[e], "bias": torch.zeros(3)})
     toolkit.train_local(cfg, nn.Linear(4, 3), without, x, torch.randn(64, 4), y, anchor, seed=0)
     assert torch.equal(without[2].weight, before[2]) == (anchor == 0)
+
+
+def test_an_anchor_tells_the_gate_its_specialist_and_leaves_the_generalist_weight_to_normal_clients():
+    # The one-hot gate loss of an anchor of expert 0 is over experts 0..M-1: the gate's
+    # generalist output (row 2) keeps its weights; a normal client's mixture loss moves it.
+    torch.manual_seed(0)
+    x, y, e = torch.randn(64, 6), torch.randint(0, 3, (64,)), torch.randn(64, 4)
+    cfg = {**toolkit.TRAINING_DEFAULTS, "local-epochs": 1}
+    for anchor, sent in ((0, [0, 2]), (None, [1, 2])):
+        gate = nn.Linear(4, 3)
+        before = gate.weight.detach().clone()
+        toolkit.train_local(cfg, gate, {k: nn.Linear(6, 3) for k in sent}, x, e, y, anchor, seed=0, generalist=2)
+        assert torch.equal(gate.weight[2], before[2]) == (anchor == 0)
+        assert not torch.equal(gate.weight[sent[0]], before[sent[0]])  # its specialist's row moves
