@@ -56,7 +56,16 @@ from server_app.app import build_common_expert, build_moe, build_strategy
 from server_app.config import DEFAULTS, client_config, load_preset, resolve
 from server_app.inprocess import InProcessGrid
 
-METHODS = ("ddome", "ddome-paper", "ddome-no-generalist", "fedavg", "fedprox", "fedmix", "avg-ensembles", "common-expert")
+METHODS = (
+    "ddome",
+    "ddome-paper",
+    "ddome-no-generalist",
+    "fedavg",
+    "fedprox",
+    "fedmix",
+    "avg-ensembles",
+    "common-expert",
+)
 # DDOME beside its default, each a preset on top of it: as the paper runs it (K = 2, top-1
 # of K, no generalist, the spec's local training), and without the generalist expert (an
 # ablation row: the default before it).
@@ -446,7 +455,9 @@ def run_one(args, seed: int, method: str, setting: dict, split: str, label: str)
     dataset, common, _ = build_common_expert(cfg)
     name = f"[{label} seed {seed}] {method} ({setting_name(setting)})"
     print(f"{name} ...", flush=True)
-    result = run_on_engine(args.engine, "ddome" if method in VARIANT_PRESETS else method, cfg, dataset, common, lambda line: None)
+    result = run_on_engine(
+        args.engine, "ddome" if method in VARIANT_PRESETS else method, cfg, dataset, common, lambda line: None
+    )
     result["method"] = method
     result["ddome-options"] = {k: cfg[k] for k in DDOME_OPTIONS}
     trained_with = {k: cfg[k] for k in ("batch-size", "lr")} if method != "common-expert" else {}

@@ -798,7 +798,9 @@ class DDOME(Strategy):
         return routing
 
     def _dispatch(self, clients_experts: Mapping[int, list[int]], arrays: ArrayRecord, config: dict, message_type: str):
-        extra, marked = ([], {}) if self.generalist is None else ([self.generalist], {"generalist-expert": self.generalist})
+        extra, marked = (
+            ([], {}) if self.generalist is None else ([self.generalist], {"generalist-expert": self.generalist})
+        )
         return [
             self._message(
                 node,

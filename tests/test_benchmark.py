@@ -6,10 +6,10 @@ import pytest
 from flwr.app import ArrayRecord, MessageType
 
 from benchmarks import compare
-from ddome_strategy.arrays import experts_in
-from ddome_strategy.protocol import ARRAYS
 from benchmarks.compare import METHODS, CountingGrid, main, parse_args, resolve_config, run_method, summarise
 from client_app.app import app as client_app
+from ddome_strategy.arrays import experts_in
+from ddome_strategy.protocol import ARRAYS
 from server_app.app import build_common_expert, build_moe
 from server_app.inprocess import InProcessGrid
 
