@@ -258,6 +258,8 @@ def first_expert(moe: ArrayRecord) -> ArrayRecord:
 
 def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str], None], grid: Grid) -> dict:
     """Run one method on ``grid`` (a fresh federation: no node has state yet); return its figures."""
+    if method != "ddome":  # the generalist is DDOME's own: the baselines keep their M experts
+        cfg = {**cfg, "generalist": False}
     rounds, history, train_bytes = cfg["num-server-rounds"], [], []
     started = time.perf_counter()
     partitions = discover_partitions(grid, cfg)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,22 +31,11 @@ from pathlib import Path
 
 import tomllib
 
-from benchmarks.processes import Processes
+from benchmarks.processes import BIN, Processes, flwr, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FLOOR_APP = Path(__file__).resolve().parent / "floor_app"
-BIN = Path(sys.executable).parent
 CORES = os.cpu_count() or 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def flwr(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def start_federation(work: Path, nodes: list[dict], env: dict) -> Processes:
@@ -110,7 +98,8 @@ def fresh_process_seconds(code: str, repeats: int = 3) -> float:
 
 def training_seconds(run_config: Path, nodes: list[dict]) -> dict:
     """One anchor's and one normal client's local training of a round, timed in this process
-    (the second of two calls: a node's worker pays PyTorch's set-up once per run)."""
+    (the second of two calls: a node's worker pays PyTorch's set-up once per run), and the
+    first load of a node folder (a worker loads it once per run)."""
     from client_app.task import build_expert, build_local_gate, load_own_data
     from ddome_strategy.client import embed, train_local
     from server_app.app import build_common_expert
@@ -118,18 +107,23 @@ def training_seconds(run_config: Path, nodes: list[dict]) -> dict:
 
     cfg = resolve({**DEFAULTS, **tomllib.loads(run_config.read_text())})
     _, common, _ = build_common_expert(cfg)
+    generalist = int(cfg["num-experts"]) if cfg["generalist"] else None
     seconds = {}
     for role in ("anchor", "normal"):
         node = next(n for n in nodes if n["role"] == role)
+        started = time.perf_counter()
         data = load_own_data(cfg, node["path"])
+        seconds.setdefault("load", time.perf_counter() - started)
         embeddings = embed(common, data.train_x)
         experts = [0] if role == "anchor" else list(range(int(cfg["top-k"])))
+        experts += [] if generalist is None else [generalist]
         gate = build_local_gate(cfg, embeddings.shape[1])
         models = {e: build_expert(cfg, data) for e in experts}
         anchor = experts[0] if role == "anchor" else None
+        cfg_round = {**cfg, "server-round": 1}
         for _ in range(2):  # the first call pays PyTorch's one-time set-up (as a node's first round does)
             started = time.perf_counter()
-            train_local({**cfg, "server-round": 1}, gate, models, data.train_x, embeddings, data.train_y, anchor, 0)
+            train_local(cfg_round, gate, models, data.train_x, embeddings, data.train_y, anchor, 0, generalist)
         seconds[role] = time.perf_counter() - started
     return seconds
 
@@ -170,15 +164,6 @@ def main(argv=None) -> None:
     # Per-message costs first, on a quiet machine (stopping 50 processes later disturbs it).
     imports_flwr = fresh_process_seconds("import flwr.clientapp")
     imports_app = fresh_process_seconds("import client_app.app")
-    node = nodes[0]["path"]
-    load = fresh_process_seconds(
-        "import tomllib; from client_app.task import load_own_data; from server_app.config import DEFAULTS, resolve; "
-        f"cfg = resolve({{**DEFAULTS, **tomllib.loads(open({str(run_config)!r}).read())}}); load_own_data(cfg, {node!r})"
-    )
-    config_only = fresh_process_seconds(
-        "import tomllib; import client_app.task; from server_app.config import DEFAULTS, resolve; "
-        f"cfg = resolve({{**DEFAULTS, **tomllib.loads(open({str(run_config)!r}).read())}})"
-    )
     print(f"== {len(nodes)} SuperNodes on loopback, {args.rounds} rounds; logs in {work / 'logs'}", flush=True)
     processes = start_federation(work, nodes, env)
     try:
@@ -222,7 +207,7 @@ def main(argv=None) -> None:
         "target_round_s (1.5 x floor + training)": target,
         "per message, fresh process: import flwr.clientapp": imports_flwr,
         "per message, fresh process: import client_app.app": imports_app,
-        "per message: load a node folder": load - config_only,
+        "per worker (once per node and run): load a node folder": train["load"],
         "local training, one anchor": train["anchor"],
         "local training, one normal client": train["normal"],
         "cores": CORES,

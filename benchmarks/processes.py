@@ -6,9 +6,28 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+# Where this environment's Flower commands are (flwr, flower-superlink, flower-supernode).
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flwr(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run this environment's ``flwr`` CLI with ``env``; its output captured, never raising on exit status."""
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
+    )
 
 
 def proc_stat(pid: int) -> list[str] | None:

@@ -130,13 +130,15 @@ def build_moe(cfg: dict, dataset, common) -> ArrayRecord:
     """The initial gate (random) and experts (copies of the common expert, or random)."""
     torch.manual_seed(cfg["seed"])
     count = cfg["num-experts"] + cfg["generalist"]  # the generalist is expert M
-    gate = build_gate(common.feature_dim, count, cfg["gate-hidden"])
+    # Experts first, then the gate: expert i's random initialisation does not depend on
+    # whether a generalist (and a wider gate) follows, so every method starts the same.
     if cfg["experts-init"] == "common":
         experts = [copy.deepcopy(common) for _ in range(count)]
     else:
         experts = [
             build_model(cfg["arch"], dataset.input_shape, dataset.num_classes, cfg["mlp-hidden"]) for _ in range(count)
         ]
+    gate = build_gate(common.feature_dim, count, cfg["gate-hidden"])
     return pack_moe(gate, experts)
 
 

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,12 +41,11 @@ import tomllib
 import yaml
 from flwr.app import Context, RecordDict
 
-from benchmarks.processes import Processes, process_tree
+from benchmarks.processes import BIN, Processes, flwr, free_port, process_tree
 
 pytestmark = pytest.mark.deploy
 
 REPO = Path(__file__).resolve().parents[1]
-BIN_DIR = Path(sys.executable).parent
 MAKE_CERTS = REPO / "deploy" / "make-certs.sh"
 
 BASE = "docker-compose.yml"
@@ -184,22 +182,8 @@ def test_compose_config_accepts_every_variant(variant: str) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN_DIR / "flwr"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=REPO,
-    )
+    return flwr(env, *args, timeout=timeout, cwd=REPO)
 
 
 def _json_out(result: subprocess.CompletedProcess) -> dict:
@@ -222,7 +206,7 @@ def _wait_for(predicate, timeout: float, what: str, procs: Processes, interval: 
 @pytest.fixture
 def processes(tmp_path: Path):
     env = dict(os.environ)
-    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(tmp_path / "flwr-home")
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
@@ -240,7 +224,7 @@ def processes(tmp_path: Path):
 
 def _require_binaries() -> None:
     for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
-        if shutil.which(tool, path=f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}") is None:
+        if shutil.which(tool, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}") is None:
             pytest.skip(f"{tool} is not on PATH")
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
@@ -310,7 +294,7 @@ class Federation:
         """A ``flower-supernode`` with TLS, its own key and ``node_config``, connecting to
         the SuperLink (or to ``superlink``, a proxy in front of it)."""
         return [
-            str(BIN_DIR / "flower-supernode"),
+            str(BIN / "flower-supernode"),
             "--root-certificates",
             str(self.ca),
             "--auth-supernode-private-key",
@@ -322,7 +306,7 @@ class Federation:
             "--host",
             "127.0.0.1",
             "--port",
-            str(_free_port()),  # its local Runtime API
+            str(free_port()),  # its local Runtime API
             *extra,
         ]
 
@@ -340,12 +324,12 @@ def start_federation(tmp_path: Path, processes: Processes, num_registered: int, 
     ca = certs / "ca.crt"
 
     # 2. the SuperLink: TLS on every API, only registered SuperNodes admitted
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     superlink = processes.start(
         "superlink",
         [
-            str(BIN_DIR / "flower-superlink"),
+            str(BIN / "flower-superlink"),
             "--ssl-ca-certfile",
             str(ca),
             "--ssl-certfile",
@@ -620,7 +604,7 @@ def test_only_the_operator_submits_runs_and_registers_keys(tmp_path: Path, proce
     _require_binaries()
     federation = start_federation(tmp_path, processes, 1, 2)
     keys = federation.certs / "keys"
-    proxy_address = f"127.0.0.1:{_free_port()}"
+    proxy_address = f"127.0.0.1:{free_port()}"
     processes.start(
         "fleet-proxy",
         [
