@@ -45,7 +45,8 @@ def test_every_method_runs_and_reports(benchmark_run):
     assert results["common-expert"]["bytes-per-round"] == 0
     # The generalist (expert M, the default) is DDOME's: FedMix's gate scores the M experts only.
     m = report["config"]["num-experts"]
-    assert [len(results[k]["routing"]["matrix"][0]) for k in ("ddome", "ddome-no-generalist", "fedmix")] == [m + 1, m, m]
+    widths = [len(results[k]["routing"]["matrix"][0]) for k in ("ddome", "ddome-no-generalist", "fedmix")]
+    assert widths == [m + 1, m, m]
     # Curves have one point per evaluation round for trained methods: every eval-every
     # rounds (2, 4) and every one of the last eval-last-rounds (4, 5).
     assert [h["round"] for h in results["fedavg"]["history"]] == [2, 4, 5]
