@@ -33,13 +33,15 @@ def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path, tiny_run_config):
     # The heatmap: one row per client evaluated at the last round, one column per expert.
     routing = json.loads((run_dir / "routing.json").read_text())
     matrix = np.asarray(routing["matrix"])
-    assert matrix.shape == (NODES, NUM_EXPERTS)  # eval-train-clients: training clients are evaluated too
+    # eval-train-clients: training clients are evaluated too; the last column is the generalist.
+    assert matrix.shape == (NODES, NUM_EXPERTS + 1)
     assert (matrix >= 0).all() and np.allclose(matrix.sum(1), 1, atol=1e-3)
     assert [label.split()[0] for label in routing["clients"]] == ["anchor"] * 5 + ["normal"] * 5 + ["test"] * 3
     assert routing["clients"][0] == "anchor p0 (e0)" and routing["clients"][-1] == "test p12"
-    # The frames are the experts each client was sent: its top-K gate scores.
+    # The frames are the experts each client was sent: its top-K gate scores of the
+    # anchor-owned experts (the generalist goes to every client).
     for scores, chosen in zip(matrix, routing["chosen"], strict=True):
-        assert len(chosen) == 2 and set(chosen) == set(np.argsort(-scores, kind="stable")[:2])
+        assert len(chosen) == 2 and set(chosen) == set(np.argsort(-scores[:NUM_EXPERTS], kind="stable")[:2])
 
 
 def _run_logging(tmp_path, tiny_run_config, **overrides) -> list[str]:
