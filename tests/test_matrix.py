@@ -50,3 +50,25 @@ def test_matrix_writes_a_row_per_method_and_a_column_per_setting(tmp_path, monke
     assert all(f"| {rule} |" in rules for rule in ("top1", "fallback", "confident"))
     # FedAvg runs at the setting its tuning chose, in every column.
     assert {r["trained-with"]["batch-size"] for r in results if r["method"] == "fedavg"} == {64}
+
+
+def test_the_published_matrix_ran_the_current_default():
+    # docs/results.md's table is docs/img/matrix: its DDOME row must be today's defaults
+    # (a changed default without a new matrix run fails here), its ablation rows their presets.
+    from benchmarks.compare import DDOME_OPTIONS, VARIANT_PRESETS
+    from server_app.config import DEFAULTS, load_preset
+
+    results = json.loads(open("docs/img/matrix/results.json", encoding="utf-8").read())["results"]
+    options = {r["method"]: r["ddome-options"] for r in results if r["method"].startswith("ddome")}
+    assert options["ddome"] == {k: DEFAULTS[k] for k in DDOME_OPTIONS}
+    for variant, preset in VARIANT_PRESETS.items():
+        expected = {**{k: DEFAULTS[k] for k in DDOME_OPTIONS}, **load_preset(preset)}
+        assert options[variant] == {k: expected[k] for k in DDOME_OPTIONS}, variant
+
+
+def test_a_ddome_variant_trains_at_ddomes_chosen_setting_unless_tuned_itself():
+    chosen = {"ddome": {"batch-size": 32, "lr": 0.03}, "fedavg": {"batch-size": 256}}
+    assert matrix.setting_of("ddome-no-generalist", chosen) == chosen["ddome"]
+    assert matrix.setting_of("ddome-paper", chosen) == {}  # the paper's own training
+    assert matrix.setting_of("fedavg", chosen) == chosen["fedavg"]
+    assert matrix.setting_of("fedprox", chosen) == {}
