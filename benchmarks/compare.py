@@ -258,8 +258,10 @@ def first_expert(moe: ArrayRecord) -> ArrayRecord:
 
 def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str], None], grid: Grid) -> dict:
     """Run one method on ``grid`` (a fresh federation: no node has state yet); return its figures."""
-    if method != "ddome":  # the generalist is DDOME's own: the baselines keep their M experts
-        cfg = {**cfg, "generalist": False}
+    if method != "ddome":
+        # The generalist and adaptive dispatch are DDOME's own: the baselines keep their
+        # M experts and their dispatch (FedMix all M, Avg-Ensembles one).
+        cfg = {**cfg, "generalist": False, "dispatch-mass": 0.0}
     rounds, history, train_bytes = cfg["num-server-rounds"], [], []
     started = time.perf_counter()
     partitions = discover_partitions(grid, cfg)
@@ -461,7 +463,8 @@ def run_one(args, seed: int, method: str, setting: dict, split: str, label: str)
         args.engine, "ddome" if method in VARIANT_PRESETS else method, cfg, dataset, common, lambda line: None
     )
     result["method"] = method
-    result["ddome-options"] = {k: cfg[k] for k in DDOME_OPTIONS}
+    if method == "ddome" or method in VARIANT_PRESETS:  # the baselines run without them
+        result["ddome-options"] = {k: cfg[k] for k in DDOME_OPTIONS}
     trained_with = {k: cfg[k] for k in ("batch-size", "lr")} if method != "common-expert" else {}
     if method == "fedprox":
         trained_with["fedprox-mu"] = cfg["fedprox-mu"]

@@ -47,6 +47,7 @@ from .models import pick_device
 from .moe import (
     ZERO_SHOT_RULES,
     anchor_loss,
+    blend_predictions,
     confident_predictions,
     fallback_predictions,
     mixture_loss,
@@ -63,7 +64,7 @@ TRAINING_DEFAULTS = {
     "momentum": 0.9,
     "batch-size": 32,
     "local-epochs": 1,
-    "zero-shot-rule": "mixture",
+    "zero-shot-rule": "blend",
     "seed": 0,
 }
 
@@ -215,7 +216,7 @@ def evaluate_zero_shot(
     data: ClientData,
     embeddings: torch.Tensor,
     common_expert_logits: torch.Tensor,
-    rule: str = "mixture",
+    rule: str = "blend",
 ) -> dict[str, float]:
     """Zero-shot metrics of the K received experts on the local evaluation data.
 
@@ -230,8 +231,9 @@ def evaluate_zero_shot(
     top1, mixture = zero_shot_predictions(gate_probs, expert_logits, selected)
     fallback = fallback_predictions(gate_probs, expert_logits, selected, common_expert_logits)
     confident = confident_predictions(gate_probs, expert_logits, selected, common_expert_logits)
+    blend = blend_predictions(gate_probs, expert_logits, selected, common_expert_logits)
     y = data.eval_y
-    predictions = (top1, mixture, fallback, confident)
+    predictions = (top1, mixture, fallback, confident, blend)
     accuracy = {name: float((pred == y).float().mean()) for name, pred in zip(ZERO_SHOT_RULES, predictions)}
     return {
         "zero-shot-acc": accuracy[rule],

@@ -24,6 +24,7 @@ from ddome_strategy import DDOME, layout_roles, pack_moe
 from ddome_strategy.aggregation import check_update
 from ddome_strategy.common_expert import load_or_pretrain
 from ddome_strategy.models import build_gate, build_model
+from ddome_strategy.moe import ZERO_SHOT_RULES
 from server_app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server_app.config import ConfigError, client_config, node_local, resolve
 from server_app.logs import quiet_flower_rounds
@@ -180,8 +181,7 @@ def print_summary(
         "rounds": max((row["round"] for row in writer.history), default=0),
         "zero-shot-rule": rule,
         "zero-shot-acc": final.get("test/zero-shot-acc"),
-        "top1-acc": final.get("test/top1-acc"),
-        "mixture-acc": final.get("test/mixture-acc"),
+        **{f"{name}-acc": final.get(f"test/{name}-acc") for name in ZERO_SHOT_RULES},
         "routing-error": final.get("test/routing-error"),
         "common-expert-acc": final.get("test/common-expert-acc"),
         "train-clients-acc": final.get("train/zero-shot-acc"),

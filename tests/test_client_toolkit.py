@@ -122,8 +122,9 @@ def test_a_clientapp_from_own_modules_answers_every_message_by_the_protocol(monk
     evaluate = app(message(EVALUATE, sent, setup, **{"server-round": 2, "experts": [0, 2]}), ctx)
     assert reply_problem(EVALUATE, evaluate.content, num_experts=M) is None
     metrics = evaluate.content["metrics"]
-    # The default rule is the gated mixture; every rule is reported, and the routing error.
-    assert metrics["zero-shot-acc"] == metrics["mixture-acc"]
+    # The default rule is the mixture blended with the common expert; every rule is
+    # reported, and the routing error.
+    assert metrics["zero-shot-acc"] == metrics["blend-acc"] and 0 <= metrics["mixture-acc"] <= 1
     assert 0 <= metrics["routing-error"] <= 1 and metrics["num-examples"] == 20
     # The common expert came once: train and eval inputs were embedded once for four messages.
     assert embedded == [40, 20]

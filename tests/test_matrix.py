@@ -43,11 +43,13 @@ def test_matrix_writes_a_row_per_method_and_a_column_per_setting(tmp_path, monke
     ddome = next(r for r in results if r["method"] == "ddome" and r["column"] == "digits grouped")
     cell = next(r for r in body[:3] if "DDOME" in r).split("|")[2].strip()
     assert float(cell.split(" ± ")[0]) == pytest.approx(100 * ddome["zero-shot-acc"], abs=0.01)
-    # DDOME under every prediction rule: the configured one (mixture) is the table's DDOME cell.
+    # DDOME under every prediction rule: the configured one (blend) is the table's DDOME cell.
     rules = table.split("each zero-shot prediction rule")[1]
-    mixture = next(line for line in rules.splitlines() if line.startswith("| mixture |"))
-    assert mixture.split("|")[2].strip() == cell.split(" ± ")[0]
-    assert all(f"| {rule} |" in rules for rule in ("top1", "fallback", "confident"))
+    blend = next(line for line in rules.splitlines() if line.startswith("| blend |"))
+    assert blend.split("|")[2].strip() == cell.split(" ± ")[0]
+    assert all(f"| {rule} |" in rules for rule in ("top1", "mixture", "fallback", "confident"))
+    # Only DDOME's rows record DDOME's options: the baselines run without them.
+    assert {r["method"] for r in results if "ddome-options" in r} == {"ddome"}
     # FedAvg runs at the setting its tuning chose, in every column.
     assert {r["trained-with"]["batch-size"] for r in results if r["method"] == "fedavg"} == {64}
 

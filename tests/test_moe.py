@@ -111,3 +111,18 @@ def test_confident_rule_uses_the_sent_experts_where_the_gate_trusts_them_and_the
     gate = torch.tensor([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.05, 0.4, 0.55]])
     # Mass on the sent experts 0.95, 0.4 and 0.6: the mixture, the common expert, the mixture.
     assert confident_predictions(gate, expert_logits, [0, 2], common_logits).tolist() == [0, 2, 1]
+
+
+def test_blend_rule_keeps_a_confident_mixture_and_lets_the_common_expert_break_a_split_vote():
+    from ddome_strategy.moe import blend_predictions, zero_shot_predictions
+
+    # Three sent experts say classes 0, 1 and 2; the common expert says 3.
+    expert_logits = torch.tensor([[[9.0, 0, 0, 0], [0, 9.0, 0, 0], [0, 0, 9.0, 0]]] * 2)
+    common_logits = torch.tensor([[0, 0, 0, 9.0]] * 2)
+    gate = torch.tensor([[0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3]])
+    # The gate trusts expert 0 (kept), or splits its vote three ways (the common expert decides).
+    assert blend_predictions(gate, expert_logits, [0, 1, 2], common_logits).tolist() == [0, 3]
+    # Its two ends: no weight is the mixture, all the weight is the common expert.
+    _, mixture = zero_shot_predictions(gate, expert_logits, [0, 1, 2])
+    assert blend_predictions(gate, expert_logits, [0, 1, 2], common_logits, weight=0.0).tolist() == mixture.tolist()
+    assert blend_predictions(gate, expert_logits, [0, 1, 2], common_logits, weight=1.0).tolist() == [3, 3]

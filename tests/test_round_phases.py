@@ -55,8 +55,8 @@ RECORDED_BENCHMARK = {
 
 
 def test_ddome_run_gives_the_recorded_figures(tmp_path, tiny_run_config):
-    # zero-shot-rule and generalist: the recorded code's (it had neither the mixture nor a generalist)
-    recorded_code = {"zero-shot-rule": "top1", "generalist": False}
+    # The recorded code's rule and dispatch (it had no mixture, no generalist, top-K always)
+    recorded_code = {"zero-shot-rule": "top1", "generalist": False, "dispatch-mass": 0.0}
     run_config = tiny_run_config(tmp_path, **recorded_code, **{"num-server-rounds": 4, "eval-every": 2})
     summary = run_ddome(InProcessGrid(client_app, NODES), run_config)
     for key, value in RECORDED_SUMMARY.items():

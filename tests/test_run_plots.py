@@ -21,8 +21,8 @@ def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path, tiny_run_config):
 
     saved = json.loads((run_dir / "summary.json").read_text())
     # The headline is the configured rule's figure, the paper's top-1 of K beside it.
-    assert saved["zero-shot-rule"] == "mixture" and saved["zero-shot-acc"] == saved["mixture-acc"]
-    assert 0 <= saved["top1-acc"] <= 1
+    assert saved["zero-shot-rule"] == "blend" and saved["zero-shot-acc"] == saved["blend-acc"]
+    assert all(0 <= saved[f"{rule}-acc"] <= 1 for rule in ("top1", "mixture", "fallback", "confident"))
     assert saved["plots"] == {"accuracy": "accuracy.png", "routing": "routing.png", "bytes": "bytes.png"}
     for relative in saved["plots"].values():
         path = run_dir / relative
