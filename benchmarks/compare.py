@@ -49,7 +49,7 @@ from benchmarks.report import routing_matrix, write_report
 from client_app import baselines
 from client_app.app import app as client_app
 from ddome_strategy.arrays import expert_prefix
-from ddome_strategy.protocol import ARRAYS, CONFIG, METRICS, NodeSetup
+from ddome_strategy.protocol import ARRAYS, COMMON_EXPERT, CONFIG, METRICS, NodeSetup
 from ddome_strategy.roles import TEST, layout_roles, role_in_layout
 from ddome_strategy.strategy import DDOME, Exchange, Routing, evaluates
 from server_app.app import build_common_expert, build_moe, build_strategy
@@ -184,13 +184,14 @@ def discover_partitions(grid: Grid, cfg: dict) -> dict[int, int]:
 
 
 def _mean_by_group(replies: list[Message], groups: dict[int, str]) -> dict[str, float]:
-    by_group: dict[str, list[float]] = {}
+    """``<group>/<metric>``: the mean over the group's clients of each accuracy they reported."""
+    by_key: dict[str, list[float]] = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         if not reply.has_error():
-            by_group.setdefault(groups[reply.metadata.src_node_id], []).append(
-                float(reply.content[METRICS]["zero-shot-acc"])
-            )
-    return {f"{g}/zero-shot-acc": float(np.mean(v)) for g, v in by_group.items()}
+            for name, value in reply.content[METRICS].items():
+                if name.endswith("-acc"):
+                    by_key.setdefault(f"{groups[reply.metadata.src_node_id]}/{name}", []).append(float(value))
+    return {key: float(np.mean(values)) for key, values in by_key.items()}
 
 
 def summarise(history: list[dict], group: str = "test", metric: str = "zero-shot-acc") -> dict[str, float | None]:
@@ -217,10 +218,12 @@ def _evaluator(
     last: int,
     history: list,
     setup: NodeSetup | None = None,
+    common=None,
 ):
     """An ``evaluate_fn`` that sends ``arrays`` to every client as ``message_type``
     (``evaluate.single`` or ``evaluate.ensemble``), with the client configuration
-    (``setup``) to the nodes that do not have it yet."""
+    (``setup``) to the nodes that do not have it yet, and the ``common`` expert, if given,
+    for the blend control (evaluation traffic: not counted in the bytes per round)."""
     layout = (cfg["num-experts"], cfg["num-train-clients"])
     groups = {node: "test" if role_in_layout(pid, *layout)[0] == TEST else "train" for node, pid in partitions.items()}
     if not cfg["eval-train-clients"]:
@@ -230,9 +233,12 @@ def _evaluator(
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 or not evaluates(server_round, last, every, cfg["eval-last-rounds"]):
             return None
+        content = {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})}
+        if common is not None:
+            content[COMMON_EXPERT] = ArrayRecord(common.state_dict())
         messages = [
             Message(
-                setup.attach(n, RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})})),
+                setup.attach(n, RecordDict(content)),
                 dst_node_id=n,
                 message_type=message_type,
             )
@@ -298,7 +304,7 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         evaluate_fn = None
         if method == "avg-ensembles":
             evaluate_fn = _evaluator(
-                grid, partitions, cfg, baselines.EVALUATE_ENSEMBLE, cfg["eval-every"], rounds, history
+                grid, partitions, cfg, baselines.EVALUATE_ENSEMBLE, cfg["eval-every"], rounds, history, common=common
             )
         strategy.start(grid, initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
         bytes_per_round = float(np.mean(train_bytes))
@@ -317,7 +323,7 @@ def run_method(method: str, cfg: dict, dataset, common, progress: Callable[[str]
         else:
             strategy = SingleFedAvg(setup, **kwargs)
         evaluate_fn = _evaluator(
-            grid, partitions, cfg, baselines.EVALUATE_SINGLE, cfg["eval-every"], rounds, history, setup
+            grid, partitions, cfg, baselines.EVALUATE_SINGLE, cfg["eval-every"], rounds, history, setup, common
         )
 
         def progress_fn(server_round, arrays):

@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks.compare import METHODS, UNTUNED, VARIANT_PRESETS, flower_log_level, run_tasks, summarise
 from benchmarks.compare import parse_args as compare_args
 from benchmarks.report import NAMES
-from ddome_strategy.moe import ZERO_SHOT_RULES
+from ddome_strategy.moe import BLEND_COMMON_WEIGHT, ZERO_SHOT_RULES
 
 # Column name -> (preset, run-config overrides).
 SETTINGS = {
@@ -110,6 +110,23 @@ def rules_table(results: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def blend_control_table(results: list[dict], columns: list[str]) -> str:
+    """Every method's predictions blended with the common expert as DDOME's ``blend`` rule
+    does (the same runs; each evaluation reports it): how much of that rule's gain any
+    method would get from the common expert, beside what DDOME's routing adds."""
+    lines = ["| method, blended with the common expert | " + " | ".join(columns) + " |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for method in dict.fromkeys(r["method"] for r in results):
+        cells = []
+        for column in columns:
+            runs = [r for r in results if r["method"] == method and r["column"] == column]
+            values = [summarise(r["history"], metric="blend-acc")["mean-last"] for r in runs]
+            cells.append(f"{100 * np.mean(values):.2f}" if values and None not in values else "n/a")
+        if set(cells) != {"n/a"}:
+            lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_seed_table(results: list[dict], columns: list[str]) -> str:
     """Per seed figures: ``seed: accuracy`` for every method and setting."""
     lines = ["| method | setting | per seed (mean of last 5 evals, %) | setting used |", "|---|---|---|---|"]
@@ -158,6 +175,9 @@ def main(argv=None) -> Path:
         + matrix_table(results, columns)
         + "\nDDOME under each zero-shot prediction rule (the same runs):\n\n"
         + rules_table(results, columns)
+        + "\nControl: each method's predictions blended with the common expert at the blend rule's "
+        f"weight ({BLEND_COMMON_WEIGHT:.2f}), the same runs:\n\n"
+        + blend_control_table(results, columns)
         + "\nPer seed:\n\n"
         + per_seed_table(results, columns)
     )

@@ -11,7 +11,8 @@ from client_app.task import expert_from, node_data
 from ddome_strategy.arrays import expert_prefix, experts_in, pack_part
 from ddome_strategy.client import batches, node_seed, predict, settings
 from ddome_strategy.models import pick_device
-from ddome_strategy.protocol import ARRAYS, METRICS
+from ddome_strategy.moe import BLEND_COMMON_WEIGHT
+from ddome_strategy.protocol import ARRAYS, COMMON_EXPERT, METRICS
 
 # Message types of the baselines (Flower named actions; see client_app/app.py).
 TRAIN_SINGLE = "train.single"
@@ -49,16 +50,27 @@ def train_single(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
-def _accuracy(probs: torch.Tensor, data) -> dict:
-    accuracy = float((probs.argmax(1) == data.eval_y).float().mean())
-    return {"zero-shot-acc": accuracy, "num-examples": len(data.eval_y)}
+def _accuracy(probs: torch.Tensor, message: Message, cfg, data) -> dict:
+    """The model's accuracy and, if the message carries the common expert, ``blend-acc``:
+    its probabilities blended with the common expert's as DDOME's ``blend`` rule does (a
+    control: how much of that rule's gain any model would get from the common expert)."""
+    metrics = {
+        "zero-shot-acc": float((probs.argmax(1) == data.eval_y).float().mean()),
+        "num-examples": len(data.eval_y),
+    }
+    if COMMON_EXPERT in message.content:
+        common = expert_from(cfg, data, message.content[COMMON_EXPERT], "")
+        common_probs = torch.softmax(predict(common, data.eval_x), 1)
+        blend = (1 - BLEND_COMMON_WEIGHT) * probs / probs.sum(1, keepdim=True) + BLEND_COMMON_WEIGHT * common_probs
+        metrics["blend-acc"] = float((blend.argmax(1) == data.eval_y).float().mean())
+    return metrics
 
 
 def evaluate_single(message: Message, context: Context) -> Message:
     """Accuracy of one model (FedAvg, FedProx, the common expert alone)."""
     cfg, data = _data(message, context)
     model = expert_from(cfg, data, message.content[ARRAYS], "")
-    metrics = _accuracy(torch.softmax(predict(model, data.eval_x), 1), data)
+    metrics = _accuracy(torch.softmax(predict(model, data.eval_x), 1), message, cfg, data)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
@@ -70,5 +82,5 @@ def evaluate_ensemble(message: Message, context: Context) -> Message:
     for e in experts_in(arrays):
         expert = expert_from(cfg, data, arrays, expert_prefix(e))
         probs = probs + torch.softmax(predict(expert, data.eval_x), 1)
-    metrics = _accuracy(probs, data)
+    metrics = _accuracy(probs, message, cfg, data)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)

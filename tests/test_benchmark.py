@@ -202,6 +202,17 @@ def test_fedmix_is_scored_by_the_mixture_it_was_trained_for(benchmark_run):
         assert row["test/zero-shot-acc"] == row["test/blend-acc"]
 
 
+def test_every_trained_baseline_also_reports_the_blend_control(benchmark_run):
+    # The control of DDOME's blend rule: each baseline's own predictions blended with the
+    # common expert, beside (not instead of) its score.
+    _, report = benchmark_run
+    results = {r["method"]: r for r in report["results"]}
+    for method in ("fedavg", "fedprox", "fedmix", "avg-ensembles"):
+        for row in results[method]["history"]:
+            assert 0 <= row["test/blend-acc"] <= 1 and 0 <= row["train/blend-acc"] <= 1, method
+    assert all("test/blend-acc" not in row for row in results["common-expert"]["history"])
+
+
 def _first_train_arrays(method, cfg, dataset, common):
     grid = InProcessGrid(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
     sent = []

@@ -48,6 +48,15 @@ def test_matrix_writes_a_row_per_method_and_a_column_per_setting(tmp_path, monke
     blend = next(line for line in rules.splitlines() if line.startswith("| blend |"))
     assert blend.split("|")[2].strip() == cell.split(" ± ")[0]
     assert all(f"| {rule} |" in rules for rule in ("top1", "mixture", "fallback", "confident"))
+    # The control: FedAvg blended with the common expert, from its own evaluations; DDOME's
+    # blend is its score; the common expert alone has no such row.
+    control = table.split("Control:")[1].split("Per seed")[0]
+    control_rows = {line.split("|")[1].strip(): line for line in control.splitlines() if line.startswith("| ")}
+    assert set(control_rows) == {"method, blended with the common expert", "DDOME", "FedAvg"}
+    assert control_rows["DDOME"].split("|")[2].strip() == cell.split(" ± ")[0]
+    fedavg = next(r for r in results if r["method"] == "fedavg" and r["column"] == "digits grouped")
+    assert all(0 <= h["test/blend-acc"] <= 1 for h in fedavg["history"])
+    assert any(h["test/blend-acc"] != h["test/zero-shot-acc"] for h in fedavg["history"])
     # Only DDOME's rows record DDOME's options: the baselines run without them.
     assert {r["method"] for r in results if "ddome-options" in r} == {"ddome"}
     # FedAvg runs at the setting its tuning chose, in every column.
