@@ -201,6 +201,7 @@ def print_summary(
         "=" * 64,
         "DDOME result on the unseen test clients (zero-shot, no labels, no fine-tuning)",
         f"  {'zero-shot accuracy (' + rule + ')':<34} {fmt(summary['zero-shot-acc'])}",
+        f"  gated mixture of K alone           {fmt(summary['mixture-acc'])}",
         f"  top-1 of K (the paper's rule)      {fmt(summary['top1-acc'])}",
         f"  common expert alone, same clients  {fmt(summary['common-expert-acc'])}",
         f"  gate routing error per sample      {fmt(summary['routing-error'])}",
