@@ -229,13 +229,12 @@ def _evaluator(
     if not cfg["eval-train-clients"]:
         groups = {n: g for n, g in groups.items() if g == "test"}
     setup = setup if setup is not None else NodeSetup(client_config(cfg))
+    common_record = {} if common is None else {COMMON_EXPERT: ArrayRecord(common.state_dict())}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 or not evaluates(server_round, last, every, cfg["eval-last-rounds"]):
             return None
-        content = {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})}
-        if common is not None:
-            content[COMMON_EXPERT] = ArrayRecord(common.state_dict())
+        content = {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round}), **common_record}
         messages = [
             Message(
                 setup.attach(n, RecordDict(content)),

@@ -96,16 +96,20 @@ def matrix_table(results: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_last_cell(results: list[dict], method: str, column: str, metric: str) -> str:
+    """``method``'s ``metric`` in ``column``: the mean over seeds of the mean of the last 5
+    evaluations, in %; ``n/a`` where a run did not report it."""
+    runs = [r for r in results if r["method"] == method and r["column"] == column]
+    values = [summarise(r["history"], metric=metric)["mean-last"] for r in runs]
+    return f"{100 * np.mean(values):.2f}" if values and None not in values else "n/a"
+
+
 def rules_table(results: list[dict], columns: list[str]) -> str:
     """DDOME's zero-shot accuracy under every prediction rule (each evaluation reports them
     all): mean over seeds of the mean of the last 5 evaluations, per setting."""
     lines = ["| DDOME's zero-shot rule | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for rule in ZERO_SHOT_RULES:
-        cells = []
-        for column in columns:
-            runs = [r for r in results if r["method"] == "ddome" and r["column"] == column]
-            values = [summarise(r["history"], metric=f"{rule}-acc")["mean-last"] for r in runs]
-            cells.append(f"{100 * np.mean(values):.2f}" if values and None not in values else "n/a")
+        cells = [mean_last_cell(results, "ddome", column, f"{rule}-acc") for column in columns]
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -117,11 +121,7 @@ def blend_control_table(results: list[dict], columns: list[str]) -> str:
     lines = ["| method, blended with the common expert | " + " | ".join(columns) + " |"]
     lines.append("|---" * (len(columns) + 1) + "|")
     for method in dict.fromkeys(r["method"] for r in results):
-        cells = []
-        for column in columns:
-            runs = [r for r in results if r["method"] == method and r["column"] == column]
-            values = [summarise(r["history"], metric="blend-acc")["mean-last"] for r in runs]
-            cells.append(f"{100 * np.mean(values):.2f}" if values and None not in values else "n/a")
+        cells = [mean_last_cell(results, method, column, "blend-acc") for column in columns]
         if set(cells) != {"n/a"}:
             lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

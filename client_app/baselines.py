@@ -11,7 +11,7 @@ from client_app.task import expert_from, node_data
 from ddome_strategy.arrays import expert_prefix, experts_in, pack_part
 from ddome_strategy.client import batches, node_seed, predict, settings
 from ddome_strategy.models import pick_device
-from ddome_strategy.moe import BLEND_COMMON_WEIGHT
+from ddome_strategy.moe import blend_with_common
 from ddome_strategy.protocol import ARRAYS, COMMON_EXPERT, METRICS
 
 # Message types of the baselines (Flower named actions; see client_app/app.py).
@@ -60,8 +60,7 @@ def _accuracy(probs: torch.Tensor, message: Message, cfg, data) -> dict:
     }
     if COMMON_EXPERT in message.content:
         common = expert_from(cfg, data, message.content[COMMON_EXPERT], "")
-        common_probs = torch.softmax(predict(common, data.eval_x), 1)
-        blend = (1 - BLEND_COMMON_WEIGHT) * probs / probs.sum(1, keepdim=True) + BLEND_COMMON_WEIGHT * common_probs
+        blend = blend_with_common(probs / probs.sum(1, keepdim=True), predict(common, data.eval_x))
         metrics["blend-acc"] = float((blend.argmax(1) == data.eval_y).float().mean())
     return metrics
 

@@ -137,8 +137,15 @@ def blend_predictions(
     to give it almost nothing (docs/results.md), hence the fixed weight.
     """
     weights = torch.log(gate_probs[:, selected].clamp_min(1e-12))
-    mixture = mixture_log_probs(weights, expert_logits).exp()
-    return ((1 - weight) * mixture + weight * torch.softmax(common_logits, dim=1)).argmax(dim=1)
+    return blend_with_common(mixture_log_probs(weights, expert_logits).exp(), common_logits, weight).argmax(dim=1)
+
+
+def blend_with_common(
+    probs: torch.Tensor, common_logits: torch.Tensor, weight: float = BLEND_COMMON_WEIGHT
+) -> torch.Tensor:
+    """``(1 - weight) probs + weight softmax(common_logits)``: any model's class
+    probabilities (``[batch, classes]``, rows summing to 1) blended with the common expert."""
+    return (1 - weight) * probs + weight * torch.softmax(common_logits, dim=1)
 
 
 def routing_error(gate_probs: torch.Tensor, labels: torch.Tensor, label_to_expert: dict[int, int]) -> float:
