@@ -50,19 +50,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--settings-from",
         default="",
-        help="results.json of a benchmarks.compare --tune run: each method's chosen setting (default: the config's)",
+        help="results.json of benchmarks.compare --tune runs, comma-separated (a later one's choice for a method "
+        "replaces an earlier one's): each method's chosen setting (default: the config's)",
+    )
+    parser.add_argument(
+        "--tune-lr",
+        default="",
+        metavar="LRS",
+        help="comma-separated learning rates: first run every tuned method at each (its chosen batch size, the "
+        "gate's a tenth) on the validation split of every column, keep the best mean over the columns, then "
+        "run the matrix on the test split at those settings",
     )
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", default="")
     return parser.parse_args(argv)
 
 
-def chosen_settings(path: str) -> dict[str, dict]:
-    """Each method's setting chosen on the validation split by a ``--tune`` run."""
-    if not path:
-        return {}
-    results = json.loads(Path(path).read_text())["results"]
-    return {r["method"]: r["setting"] for r in results if r["kind"] == "best"}
+def chosen_settings(paths: str) -> dict[str, dict]:
+    """Each method's setting chosen on the validation split by ``--tune`` runs: a
+    comma-separated list of their ``results.json``, a later run's choice replacing an
+    earlier one's (a method re-tuned after its default changed)."""
+    chosen: dict[str, dict] = {}
+    for path in filter(None, paths.split(",")):
+        run = json.loads(Path(path).read_text())
+        # A tuning run's best rows, or the choices a matrix made with --tune-lr.
+        chosen.update(
+            {r["method"]: r["setting"] for r in run["results"] + run.get("chosen", []) if r["kind"] == "best"}
+        )
+    return chosen
+
+
+def lr_candidates(method: str, chosen: dict[str, dict], lrs: list[float]) -> list[dict]:
+    """``method``'s chosen setting at each learning rate of ``lrs`` (the gate's a tenth,
+    the spec's ratio, as in the tuning grid)."""
+    return [{**setting_of(method, chosen), "lr": lr, "gate-lr": lr / 10} for lr in lrs]
+
+
+def best_by_mean(tuning: list[dict]) -> dict[str, dict]:
+    """Each method's setting with the best validation accuracy averaged over every column
+    and seed (one setting for all columns; the first of equals)."""
+    scores = defaultdict(list)
+    for r in tuning:
+        scores[(r["method"], json.dumps(r["setting"], sort_keys=True))].append(r["zero-shot-acc"])
+    best: dict[str, tuple[float, dict]] = {}
+    for (method, setting), values in scores.items():
+        if method not in best or np.mean(values) > best[method][0]:
+            best[method] = (float(np.mean(values)), json.loads(setting))
+    return {method: setting for method, (_, setting) in best.items()}
+
+
+def tuning_table(tuning: list[dict], chosen: dict[str, dict], columns: list[str]) -> str:
+    """Validation accuracy of every tuned method at every learning rate: per column and the
+    mean over the columns (the choice in bold)."""
+    lines = ["| method | lr | " + " | ".join(columns) + " | mean |", "|---" * (len(columns) + 3) + "|"]
+    groups = defaultdict(list)
+    for r in tuning:
+        groups[(r["method"], r["setting"]["lr"])].append(r)
+    for (method, lr), runs in groups.items():
+        cells = [100 * np.mean([r["zero-shot-acc"] for r in runs if r["column"] == c]) for c in columns]
+        mean = f"{100 * np.mean([r['zero-shot-acc'] for r in runs]):.2f}"
+        mark = "**" if chosen[method]["lr"] == lr else ""
+        row = [f"{c:.2f}" for c in cells] + [f"{mark}{mean}{mark}"]
+        lines.append(f"| {NAMES[method]} | {mark}{lr:g}{mark} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def setting_of(method: str, chosen: dict[str, dict]) -> dict:
@@ -152,20 +202,41 @@ def main(argv=None) -> Path:
     chosen = chosen_settings(args.settings_from)
     out = Path(args.out or f"outputs/matrix-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    tasks, columns_of = [], []
+    column_args = {}
     for column in columns:
         preset, overrides = SETTINGS[column]
         run_config = [*overrides, f"num-server-rounds={args.rounds}", *args.run_config]
-        setting_args = compare_args(["--config-file", preset, "--run-config", *run_config])
-        for seed in seeds:
-            for method in methods:
-                tasks.append((setting_args, seed, method, setting_of(method, chosen), "test", column))
-                columns_of.append(column)
+        column_args[column] = compare_args(["--config-file", preset, "--run-config", *run_config])
+
+    def run_matrix(settings: dict[str, list[dict]], split: str) -> list[dict]:
+        tasks = [
+            (column_args[column], seed, method, setting, split, column)
+            for column in columns
+            for seed in seeds
+            for method in methods
+            for setting in settings.get(method, [])
+        ]
+        with flower_log_level(logging.WARNING):
+            results = run_tasks(tasks, args.jobs)
+        for result, task in zip(results, tasks):
+            result["column"] = task[-1]
+        return results
+
     started = time.perf_counter()
-    with flower_log_level(logging.WARNING):
-        results = run_tasks(tasks, args.jobs)
-    for result, column in zip(results, columns_of):
-        result["column"] = column
+    tuning, tuning_text = [], ""
+    if args.tune_lr:
+        lrs = [float(lr) for lr in args.tune_lr.split(",")]
+        # Variants train at DDOME's setting and the untuned methods at their own.
+        tuned = [m for m in methods if m not in UNTUNED and m not in VARIANT_PRESETS]
+        tuning = run_matrix({m: lr_candidates(m, chosen, lrs) for m in tuned}, "validation")
+        chosen = {**chosen, **best_by_mean(tuning)}
+        tuning_text = (
+            "\nChoosing the learning rate: validation accuracy (%) of every tuned method at each, mean of the "
+            f"last 5 evaluations over seeds {args.seeds} (the validation split, never the test split), per column "
+            "and over the columns; the best mean (bold) is the setting the matrix above ran:\n\n"
+            + tuning_table(tuning, chosen, columns)
+        )
+    results = run_matrix({m: [setting_of(m, chosen)] for m in methods}, "test")
     command = " ".join(["python -m benchmarks.matrix", *(argv if argv is not None else sys.argv[1:])])
     minutes = (time.perf_counter() - started) / 60
     text = (
@@ -178,11 +249,14 @@ def main(argv=None) -> Path:
         + "\nControl: each method's predictions blended with the common expert at the blend rule's "
         f"weight ({BLEND_COMMON_WEIGHT:.2f}), the same runs:\n\n"
         + blend_control_table(results, columns)
+        + tuning_text
         + "\nPer seed:\n\n"
         + per_seed_table(results, columns)
     )
     (out / "matrix.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    picked = [{"method": m, "kind": "best", "setting": chosen[m]} for m in methods if m in chosen]
+    run = {"command": command, "chosen": picked, "results": results, "tuning": tuning}
+    (out / "results.json").write_text(json.dumps(run, indent=2))
     print(text)
     return out
 

@@ -83,3 +83,67 @@ def test_a_ddome_variant_trains_at_ddomes_chosen_setting_unless_tuned_itself():
     assert matrix.setting_of("ddome-paper", chosen) == {}  # the paper's own training
     assert matrix.setting_of("fedavg", chosen) == chosen["fedavg"]
     assert matrix.setting_of("fedprox", chosen) == {}
+
+
+def test_a_later_tuning_run_replaces_a_methods_earlier_choice(tmp_path):
+    # The matrix takes every method's choice from the first tuning run and DDOME's from a
+    # later one that re-tuned it alone after its default changed.
+    def tuning_run(name, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"results": rows}))
+        return str(path)
+
+    grid = tuning_run(
+        "grid.json",
+        [
+            {"method": "ddome", "kind": "best", "setting": {"batch-size": 32, "lr": 0.03}},
+            {"method": "ddome", "kind": "spec", "setting": {"batch-size": 256, "lr": 0.01}},
+            {"method": "fedavg", "kind": "best", "setting": {"batch-size": 256, "lr": 0.03}},
+        ],
+    )
+    retuned = tuning_run("ddome.json", [{"method": "ddome", "kind": "best", "setting": {"batch-size": 32, "lr": 0.1}}])
+    chosen = matrix.chosen_settings(f"{grid},{retuned}")
+    assert chosen == {"ddome": {"batch-size": 32, "lr": 0.1}, "fedavg": {"batch-size": 256, "lr": 0.03}}
+    assert matrix.chosen_settings(grid)["ddome"] == {"batch-size": 32, "lr": 0.03}
+    assert matrix.chosen_settings("") == {}
+
+
+def test_tune_lr_chooses_each_methods_rate_on_the_validation_mean_over_columns(tmp_path):
+    out = matrix.main(
+        [
+            "--settings",
+            "digits grouped",
+            "--methods",
+            "ddome,ddome-no-generalist,fedavg,common-expert",
+            "--seeds",
+            "0",
+            "--rounds",
+            "2",
+            "--run-config",
+            f"cache-dir={tmp_path / 'cache'}",
+            "--tune-lr",
+            "0.01,0.1",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
+    run = json.loads((out / "results.json").read_text())
+    tuning, results = run["tuning"], run["results"]
+    # The tuned methods ran at each rate on the validation split; the variant and the
+    # common expert were not tuned.
+    assert {(r["method"], r["setting"]["lr"]) for r in tuning} == {
+        (m, lr) for m in ("ddome", "fedavg") for lr in (0.01, 0.1)
+    }
+    assert {r["split"] for r in tuning} == {"validation"} and {r["split"] for r in results} == {"test"}
+    for method in ("ddome", "fedavg"):
+        scores = {r["setting"]["lr"]: r["zero-shot-acc"] for r in tuning if r["method"] == method}
+        best = max(scores, key=scores.get)
+        tested = next(r for r in results if r["method"] == method)
+        assert tested["trained-with"]["lr"] == best
+        assert tested["setting"]["gate-lr"] == pytest.approx(best / 10)
+    # The variant trains at DDOME's chosen rate; the choices feed a later matrix (--settings-from).
+    variant = next(r for r in results if r["method"] == "ddome-no-generalist")
+    assert variant["trained-with"]["lr"] == next(r for r in results if r["method"] == "ddome")["trained-with"]["lr"]
+    assert matrix.chosen_settings(str(out / "results.json"))["fedavg"]["lr"] in (0.01, 0.1)
+    table = (out / "matrix.md").read_text()
+    assert "Choosing the learning rate" in table and table.count("**") >= 4
