@@ -662,7 +662,7 @@ class DDOME(Strategy):
                 "role": self.clients[n].role,
                 "expert": self.clients[n].expert,
                 "scores": eval_routing.scores[n],
-                "chosen": experts,
+                "chosen": self.sent_experts(experts),  # the heatmap frames what the client was sent
             }
             for n, experts in eval_routing.experts.items()
         }
@@ -797,15 +797,17 @@ class DDOME(Strategy):
             routing.scores[node] = scores.tolist()
         return routing
 
+    def sent_experts(self, experts: list[int]) -> list[int]:
+        """What a client given ``experts`` is sent: those and the generalist, if any."""
+        return experts if self.generalist is None else [*experts, self.generalist]
+
     def _dispatch(self, clients_experts: Mapping[int, list[int]], arrays: ArrayRecord, config: dict, message_type: str):
-        extra, marked = (
-            ([], {}) if self.generalist is None else ([self.generalist], {"generalist-expert": self.generalist})
-        )
+        marked = {} if self.generalist is None else {"generalist-expert": self.generalist}
         return [
             self._message(
                 node,
-                select(arrays, moe_prefixes(experts + extra)),
-                {**config, **marked, "experts": experts + extra},
+                select(arrays, moe_prefixes(self.sent_experts(experts))),
+                {**config, **marked, "experts": self.sent_experts(experts)},
                 message_type,
             )
             for node, experts in clients_experts.items()

@@ -39,9 +39,10 @@ def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path, tiny_run_config):
     assert [label.split()[0] for label in routing["clients"]] == ["anchor"] * 5 + ["normal"] * 5 + ["test"] * 3
     assert routing["clients"][0] == "anchor p0 (e0)" and routing["clients"][-1] == "test p12"
     # The frames are the experts each client was sent: its top-K gate scores of the
-    # anchor-owned experts (the generalist goes to every client).
+    # anchor-owned experts, and the generalist, which goes to every client.
     for scores, chosen in zip(matrix, routing["chosen"], strict=True):
-        assert len(chosen) == 2 and set(chosen) == set(np.argsort(-scores[:NUM_EXPERTS], kind="stable")[:2])
+        assert len(chosen) == 3 and chosen[-1] == NUM_EXPERTS
+        assert set(chosen[:2]) == set(np.argsort(-scores[:NUM_EXPERTS], kind="stable")[:2])
 
 
 def _run_logging(tmp_path, tiny_run_config, **overrides) -> list[str]:
