@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "run the matrix on the test split at those settings",
     )
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument(
+        "--versus-best", metavar="RESULTS", default="", help="only print that table for a finished run's results.json"
+    )
     parser.add_argument("--out", default="")
     return parser.parse_args(argv)
 
@@ -177,6 +180,34 @@ def blend_control_table(results: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus_best_table(results: list[dict], columns: list[str]) -> str:
+    """DDOME's rows against the best other method of each column (difference in points),
+    and their bytes per round as a share of FedMix's: what issue 10's bar is read against."""
+
+    def mean(method: str, column: str, key: str) -> float | None:
+        values = [r[key] for r in results if r["method"] == method and r["column"] == column]
+        return float(np.mean(values)) if values else None
+
+    present = list(dict.fromkeys(r["method"] for r in results))
+    others = [m for m in present if not m.startswith("ddome")]
+    if not others or "fedmix" not in present:
+        return ""
+    best = {c: max(others, key=lambda m: mean(m, c, "zero-shot-acc") or -1.0) for c in columns}
+    fedmix_mb = [mean("fedmix", c, "bytes-per-round") for c in columns]
+    lines = ["| | " + " | ".join(columns) + " | MB per round, % of FedMix's |", "|---" * (len(columns) + 2) + "|"]
+    cells = [f"{NAMES[best[c]]} {100 * mean(best[c], c, 'zero-shot-acc'):.2f}" for c in columns]
+    lines.append(
+        "| best other method | " + " | ".join(cells) + f" | FedMix {', '.join(f'{b / 1e6:.2f}' for b in fedmix_mb)} |"
+    )
+    for method in (m for m in present if m.startswith("ddome")):
+        accs = [100 * mean(method, c, "zero-shot-acc") for c in columns]
+        gaps = [a - 100 * mean(best[c], c, "zero-shot-acc") for a, c in zip(accs, columns)]
+        share = [100 * mean(method, c, "bytes-per-round") / b for c, b in zip(columns, fedmix_mb)]
+        row = [f"{a:.2f} ({g:+.2f})" for a, g in zip(accs, gaps)]
+        lines.append(f"| {NAMES[method]} | " + " | ".join(row) + f" | {', '.join(f'{x:.1f}%' for x in share)} |")
+    return "\n".join(lines) + "\n"
+
+
 def per_seed_table(results: list[dict], columns: list[str]) -> str:
     """Per seed figures: ``seed: accuracy`` for every method and setting."""
     lines = ["| method | setting | per seed (mean of last 5 evals, %) | setting used |", "|---|---|---|---|"]
@@ -193,6 +224,10 @@ def per_seed_table(results: list[dict], columns: list[str]) -> str:
 def main(argv=None) -> Path:
     """Run the matrix; write matrix.md and results.json."""
     args = parse_args(argv)
+    if args.versus_best:
+        results = json.loads(Path(args.versus_best).read_text())["results"]
+        print(versus_best_table(results, list(dict.fromkeys(r["column"] for r in results))))
+        return Path(args.versus_best).parent
     columns = [c.strip() for c in args.settings.split(",") if c.strip()]
     unknown = sorted(set(columns) - set(SETTINGS))
     if unknown:
@@ -237,6 +272,11 @@ def main(argv=None) -> Path:
             + tuning_table(tuning, chosen, columns)
         )
     results = run_matrix({m: [setting_of(m, chosen)] for m in methods}, "test")
+    versus = versus_best_table(results, columns)
+    versus_text = versus and (
+        "\nDDOME against the best other method of each column (baselines and the common expert alone; "
+        "difference in points), and its bytes per round as a share of FedMix's:\n\n" + versus
+    )
     command = " ".join(["python -m benchmarks.matrix", *(argv if argv is not None else sys.argv[1:])])
     minutes = (time.perf_counter() - started) / 60
     text = (
@@ -249,6 +289,7 @@ def main(argv=None) -> Path:
         + "\nControl: each method's predictions blended with the common expert at the blend rule's "
         f"weight ({BLEND_COMMON_WEIGHT:.2f}), the same runs:\n\n"
         + blend_control_table(results, columns)
+        + versus_text
         + tuning_text
         + "\nPer seed:\n\n"
         + per_seed_table(results, columns)

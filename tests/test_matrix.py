@@ -57,6 +57,27 @@ def test_matrix_writes_a_row_per_method_and_a_column_per_setting(tmp_path, monke
     fedavg = next(r for r in results if r["method"] == "fedavg" and r["column"] == "digits grouped")
     assert all(0 <= h["test/blend-acc"] <= 1 for h in fedavg["history"])
     assert any(h["test/blend-acc"] != h["test/zero-shot-acc"] for h in fedavg["history"])
+    # DDOME against the best other method of each column, and its bytes as a share of FedMix's
+    # (FedMix is not in this matrix: no such table); computed on a finished run it matches.
+    assert "against the best other method" not in table
+    versus = matrix.versus_best_table(results, ["digits grouped"])
+    assert versus == ""
+    fedmix_like = [
+        {**r, "method": "fedmix", "bytes-per-round": 2 * r["bytes-per-round"]}
+        for r in results
+        if r["method"] == "fedavg"
+    ]
+    versus = matrix.versus_best_table(results + fedmix_like, ["digits grouped"])
+    row = next(line for line in versus.splitlines() if line.startswith("| DDOME |")).split("|")
+    others = [
+        r for r in results + fedmix_like if not r["method"].startswith("ddome") and r["column"] == "digits grouped"
+    ]
+    best = max(100 * r["zero-shot-acc"] for r in others)
+    assert row[2].strip() == f"{100 * ddome['zero-shot-acc']:.2f} ({100 * ddome['zero-shot-acc'] - best:+.2f})"
+    fedavg_bytes = next(r for r in results if r["method"] == "fedavg" and r["column"] == "digits grouped")[
+        "bytes-per-round"
+    ]
+    assert row[-2].strip().split(", ")[0] == f"{100 * ddome['bytes-per-round'] / (2 * fedavg_bytes):.1f}%"
     # Only DDOME's rows record DDOME's options: the baselines run without them.
     assert {r["method"] for r in results if "ddome-options" in r} == {"ddome"}
     # FedAvg runs at the setting its tuning chose, in every column.
