@@ -7,6 +7,15 @@ import pytest
 from benchmarks import matrix
 
 
+def tiny_matrix(tmp_path, settings: str, methods: str, *extra: str):
+    """A 2-round, 1-seed matrix of ``methods`` on ``settings``; ``extra``: run-config
+    overrides, then further options."""
+    return matrix.main(
+        ["--settings", settings, "--methods", methods, "--seeds", "0", "--rounds", "2", "--out", str(tmp_path / "m")]
+        + ["--run-config", f"cache-dir={tmp_path / 'cache'}", *extra]
+    )
+
+
 def test_matrix_writes_a_row_per_method_and_a_column_per_setting(tmp_path, monkeypatch):
     # Two digits columns (the real ones are Fashion-MNIST): grouped, and Dirichlet with group anchors.
     monkeypatch.setitem(matrix.SETTINGS, "digits Dirichlet", ("configs/digits-tiny.yaml", ["partition-mode=dirichlet"]))
@@ -14,24 +23,13 @@ def test_matrix_writes_a_row_per_method_and_a_column_per_setting(tmp_path, monke
     tuned.write_text(
         json.dumps({"results": [{"method": "fedavg", "kind": "best", "setting": {"batch-size": 64, "lr": 0.03}}]})
     )
-    out = matrix.main(
-        [
-            "--settings",
-            "digits grouped,digits Dirichlet",
-            "--methods",
-            "ddome,fedavg,common-expert",
-            "--seeds",
-            "0",
-            "--rounds",
-            "2",
-            "--run-config",
-            f"cache-dir={tmp_path / 'cache'}",
-            "dirichlet-anchors=group",
-            "--settings-from",
-            str(tuned),
-            "--out",
-            str(tmp_path / "m"),
-        ]
+    out = tiny_matrix(
+        tmp_path,
+        "digits grouped,digits Dirichlet",
+        "ddome,fedavg,common-expert",
+        "dirichlet-anchors=group",
+        "--settings-from",
+        str(tuned),
     )
     table = (out / "matrix.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
@@ -130,23 +128,8 @@ def test_a_later_tuning_run_replaces_a_methods_earlier_choice(tmp_path):
 
 
 def test_tune_lr_chooses_each_methods_rate_on_the_validation_mean_over_columns(tmp_path):
-    out = matrix.main(
-        [
-            "--settings",
-            "digits grouped",
-            "--methods",
-            "ddome,ddome-no-generalist,fedavg,common-expert",
-            "--seeds",
-            "0",
-            "--rounds",
-            "2",
-            "--run-config",
-            f"cache-dir={tmp_path / 'cache'}",
-            "--tune-lr",
-            "0.01,0.1",
-            "--out",
-            str(tmp_path / "m"),
-        ]
+    out = tiny_matrix(
+        tmp_path, "digits grouped", "ddome,ddome-no-generalist,fedavg,common-expert", "--tune-lr", "0.01,0.1"
     )
     run = json.loads((out / "results.json").read_text())
     tuning, results = run["tuning"], run["results"]

@@ -1,5 +1,9 @@
-"""Offline probe of issue 10 (session 13): heads on the common expert's frozen embeddings
-against fine-tuning it whole, centrally on the pooled training clients (output.txt)."""
+"""Offline probes of issue 10 (session 13), centrally on the pooled training clients of seed 0
+(output.txt): ``heads``: heads on the common expert's frozen embeddings; ``lora``: a low-rank
+update of its first layer; each against fine-tuning the whole common expert.
+
+    PYTHONPATH=. python docs/img/exploration/s13-probe/probe.py heads|lora [run-config overrides]
+"""
 
 import copy
 import sys
@@ -14,9 +18,8 @@ from data.settings import partitioned
 from server_app.app import build_common_expert
 
 torch.set_num_threads(2)
-over = sys.argv[1:]
-args = parse_args(["--run-config", *over])
-cfg = resolve_config(args, 0)
+mode, overrides = sys.argv[1], sys.argv[2:]
+cfg = resolve_config(parse_args(["--run-config", *overrides]), 0)
 dataset, common, _ = build_common_expert(cfg)
 _, plan = partitioned(cfg)
 tr = np.concatenate([plan.train_indices[i] for i in range(plan.num_train_clients)])
@@ -25,8 +28,6 @@ tests = [i for i in range(len(plan.eval_indices)) if i >= plan.num_train_clients
 evx = dataset.test_x if plan.eval_split != "train" else dataset.train_x
 evy = dataset.test_y if plan.eval_split != "train" else dataset.train_y
 common.eval()
-with torch.no_grad():
-    E = common.embed(X)
 
 
 def score(f):
@@ -38,11 +39,8 @@ def score(f):
     return np.mean(accs)
 
 
-print("common", score(common))
-
-
-def train(model, inp, epochs=5, lr=0.03, bs=32):
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+def train(model, inp, epochs, lr=0.03, bs=32):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     for _ep in range(epochs):
         perm = torch.randperm(len(inp), generator=g)
@@ -54,13 +52,47 @@ def train(model, inp, epochs=5, lr=0.03, bs=32):
             opt.step()
 
 
-for ep in (1, 3):
-    head = copy.deepcopy(common.head)
-    train(head, E, ep)
-    print(ep, "linear head", score(lambda x: head(common.embed(x))))
-    mlp = nn.Sequential(nn.Linear(E.shape[1], 256), nn.ReLU(), nn.Linear(256, 10))
-    train(mlp, E, ep)
-    print(ep, "mlp head", score(lambda x: mlp(common.embed(x))))
-    full = copy.deepcopy(common)
-    train(full, X, ep)
-    print(ep, "full", score(full))
+class LoRA(nn.Module):
+    """The common expert with its first layer frozen plus a trainable rank-``r`` update."""
+
+    def __init__(self, base, r):
+        super().__init__()
+        self.base = copy.deepcopy(base)
+        lin = self.base.body[1]
+        for p in lin.parameters():
+            p.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(r, lin.in_features) / lin.in_features**0.5)
+        self.B = nn.Parameter(torch.zeros(lin.out_features, r))
+        self.bias = nn.Parameter(torch.zeros(lin.out_features))
+
+    def forward(self, x):
+        lin = self.base.body[1]
+        x = x.flatten(1)
+        h = F.relu(lin(x) + (x @ self.A.t()) @ self.B.t() + self.bias)
+        return self.base.head(h)
+
+
+if mode == "heads":
+    with torch.no_grad():
+        E = common.embed(X)
+    print("common", score(common))
+    for ep in (1, 3):
+        head = copy.deepcopy(common.head)
+        train(head, E, ep)
+        print(ep, "linear head", score(lambda x: head(common.embed(x))))
+        mlp = nn.Sequential(nn.Linear(E.shape[1], 256), nn.ReLU(), nn.Linear(256, 10))
+        train(mlp, E, ep)
+        print(ep, "mlp head", score(lambda x: mlp(common.embed(x))))
+        full = copy.deepcopy(common)
+        train(full, X, ep)
+        print(ep, "full", score(full))
+else:
+    for ep in (1, 3):
+        full = copy.deepcopy(common)
+        train(full, X, ep)
+        print(ep, "full", round(score(full), 4))
+        for r in (4, 16):
+            m = LoRA(common, r)
+            train(m, X, ep)
+            trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+            print(ep, "lora", r, round(score(m), 4), trainable)
