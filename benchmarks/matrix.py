@@ -1,16 +1,19 @@
 """Every method on every setting: where DDOME helps and where it does not.
 
-    python -m benchmarks.matrix --seeds 0,1,2 --jobs 2 --settings-from docs/img/fair-grouped/results.json
+    python -m benchmarks.matrix --seeds 0,1,2 --jobs 2 --settings-from docs/img/fair-grouped/results.json \
+        --tune-lr 0.01,0.03,0.1
 
 Settings (columns): Fashion-MNIST grouped (the paper's reading), Dirichlet 0.1 and 0.5,
 free label sets (4 labels per client), and scikit-learn's digits grouped (an easy dataset
 where every method saturates). Every setting runs at the same round budget (the CPU
 preset's 40, or ``--rounds``), the same seeds, and every method at one setting for all
-columns: its best point from a ``benchmarks.compare --tune`` run (``--settings-from``), so
-no baseline is weakened and DDOME is not tuned per column. Writes ``matrix.md`` (a row per
-method, a column per setting: mean of the last 5 evaluations over the seeds, ± the spread;
-then MB per round and wall time) and ``results.json`` with every run's per-seed figures
-and curves.
+columns: its best point from a ``benchmarks.compare --tune`` run (``--settings-from``),
+with ``--tune-lr`` its learning rate chosen first on the validation split averaged over
+every column, so no baseline is weakened and no method is tuned per column. Writes
+``matrix.md`` (a row per method, a column per setting: mean of the last 5 evaluations over
+the seeds, ± the spread; then MB per round and wall time; DDOME against the best other
+method; the learning-rate choice) and ``results.json`` with every run's per-seed figures
+and curves and the settings chosen (``--settings-from`` of a later run reads them).
 """
 
 from __future__ import annotations
