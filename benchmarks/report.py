@@ -46,7 +46,8 @@ def routing_matrix(cfg: dict, dataset, common, arrays) -> dict:
         rows.append(torch.softmax(gate(embed(common, x)), 1).mean(0).tolist())
         name = f"anchor {pid}" if role == "anchor" else ("unseen" if role == "test" else "client") + f" {pid}"
         labels.append(f"{name} {list(plan.client_labels[pid])}")
-    return {"matrix": rows, "clients": labels}
+    generalist = {"generalist": cfg["num-experts"]} if cfg.get("generalist") else {}
+    return {"matrix": rows, "clients": labels, **generalist}
 
 
 def _fmt(value, percent=True) -> str:

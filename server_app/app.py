@@ -286,7 +286,7 @@ def run_ddome(grid: Grid, run_config: dict, explicit: dict | None = None) -> dic
                 evaluate_fn=checkpoint,
             )
     writer.save_arrays("moe", strategy.arrays)
-    plots = write_plots(writer.path, writer.history, strategy.last_routing)
+    plots = write_plots(writer.path, writer.history, strategy.last_routing, strategy.generalist)
     return print_summary(writer, common_accuracy, time.perf_counter() - started, cfg["zero-shot-rule"], plots)
 
 

@@ -23,7 +23,8 @@ def plot_routing(routing: dict, path: Path, method: str = "DDOME", top_k: int | 
     ----------
     routing : dict
         ``matrix`` (clients x experts), ``clients`` (row labels) and optionally
-        ``chosen`` (per row, the experts the server sent that client).
+        ``chosen`` (per row, the experts the server sent that client) and
+        ``generalist`` (the generalist's column, named so).
     path : Path
         The PNG to write.
     method : str
@@ -41,7 +42,10 @@ def plot_routing(routing: dict, path: Path, method: str = "DDOME", top_k: int | 
     for row, experts in enumerate(chosen or []):
         for col in experts:
             ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="white", lw=1.2))
-    ax.set_xticks(range(matrix.shape[1]), [f"expert {i}" for i in range(matrix.shape[1])], rotation=45, ha="right")
+    names = [
+        f"expert {i}" + (" (generalist)" if i == routing.get("generalist") else "") for i in range(matrix.shape[1])
+    ]
+    ax.set_xticks(range(matrix.shape[1]), names, rotation=45, ha="right")
     ax.set_yticks(range(matrix.shape[0]), routing["clients"], fontsize=7)
     picks = f", frames: top-{top_k}" if top_k else (", frames: experts sent" if chosen else "")
     ax.set_title(f"{method} gate: mean routing probability per client{picks}", fontsize=9)
@@ -126,7 +130,9 @@ def plot_bytes(history: list[dict], path: Path) -> None:
     _save_per_round(fig, ax, "MB per round", path)
 
 
-def write_plots(run_dir: Path, history: list[dict], last_routing: dict) -> dict[str, str]:
+def write_plots(
+    run_dir: Path, history: list[dict], last_routing: dict, generalist: int | None = None
+) -> dict[str, str]:
     """Write ``accuracy.png``, ``bytes.png`` and (after an evaluation) ``routing.png``
     with its data ``routing.json`` into ``run_dir``.
 
@@ -139,6 +145,8 @@ def write_plots(run_dir: Path, history: list[dict], last_routing: dict) -> dict[
     last_routing : dict
         :attr:`DDOME.last_routing`: the last evaluation's routing; empty when no
         evaluation ran (e.g. a resumed run that had already finished its rounds).
+    generalist : int, optional
+        The generalist's expert index (:attr:`DDOME.generalist`), named on the heatmap.
 
     Returns
     -------
@@ -151,6 +159,8 @@ def write_plots(run_dir: Path, history: list[dict], last_routing: dict) -> dict[
     written["accuracy"] = "accuracy.png"
     if last_routing:
         routing = routing_rows(last_routing)
+        if generalist is not None:
+            routing["generalist"] = generalist
         (run_dir / "routing.json").write_text(json.dumps(routing, indent=1), encoding="utf-8")
         plot_routing(routing, run_dir / "routing.png")
         written["routing"] = "routing.png"

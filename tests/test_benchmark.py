@@ -47,6 +47,12 @@ def test_every_method_runs_and_reports(benchmark_run):
     m = report["config"]["num-experts"]
     widths = [len(results[k]["routing"]["matrix"][0]) for k in ("ddome", "ddome-no-generalist", "fedmix")]
     assert widths == [m + 1, m, m]
+    # ... and its heatmap names the generalist's column; the others have none.
+    assert [results[k]["routing"].get("generalist") for k in ("ddome", "ddome-no-generalist", "fedmix")] == [
+        m,
+        None,
+        None,
+    ]
     # Curves have one point per evaluation round for trained methods: every eval-every
     # rounds (2, 4) and every one of the last eval-last-rounds (4, 5).
     assert [h["round"] for h in results["fedavg"]["history"]] == [2, 4, 5]

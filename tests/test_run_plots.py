@@ -34,7 +34,7 @@ def test_run_writes_accuracy_routing_and_bytes_plots(tmp_path, tiny_run_config):
     routing = json.loads((run_dir / "routing.json").read_text())
     matrix = np.asarray(routing["matrix"])
     # eval-train-clients: training clients are evaluated too; the last column is the generalist.
-    assert matrix.shape == (NODES, NUM_EXPERTS + 1)
+    assert matrix.shape == (NODES, NUM_EXPERTS + 1) and routing["generalist"] == NUM_EXPERTS
     assert (matrix >= 0).all() and np.allclose(matrix.sum(1), 1, atol=1e-3)
     assert [label.split()[0] for label in routing["clients"]] == ["anchor"] * 5 + ["normal"] * 5 + ["test"] * 3
     assert routing["clients"][0] == "anchor p0 (e0)" and routing["clients"][-1] == "test p12"
