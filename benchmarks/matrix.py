@@ -28,7 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.compare import METHODS, UNTUNED, VARIANT_PRESETS, flower_log_level, run_tasks, summarise
+from benchmarks.compare import (
+    METHODS,
+    UNTUNED,
+    VARIANT_PRESETS,
+    best_settings,
+    flower_log_level,
+    run_tasks,
+    summarise,
+)
 from benchmarks.compare import parse_args as compare_args
 from benchmarks.report import NAMES
 from ddome_strategy.moe import BLEND_COMMON_WEIGHT, ZERO_SHOT_RULES
@@ -90,19 +98,6 @@ def lr_candidates(method: str, chosen: dict[str, dict], lrs: list[float]) -> lis
     """``method``'s chosen setting at each learning rate of ``lrs`` (the gate's a tenth,
     the spec's ratio, as in the tuning grid)."""
     return [{**setting_of(method, chosen), "lr": lr, "gate-lr": lr / 10} for lr in lrs]
-
-
-def best_by_mean(tuning: list[dict]) -> dict[str, dict]:
-    """Each method's setting with the best validation accuracy averaged over every column
-    and seed (one setting for all columns; the first of equals)."""
-    scores = defaultdict(list)
-    for r in tuning:
-        scores[(r["method"], json.dumps(r["setting"], sort_keys=True))].append(r["zero-shot-acc"])
-    best: dict[str, tuple[float, dict]] = {}
-    for (method, setting), values in scores.items():
-        if method not in best or np.mean(values) > best[method][0]:
-            best[method] = (float(np.mean(values)), json.loads(setting))
-    return {method: setting for method, (_, setting) in best.items()}
 
 
 def tuning_table(tuning: list[dict], chosen: dict[str, dict], columns: list[str]) -> str:
@@ -267,7 +262,7 @@ def main(argv=None) -> Path:
         # Variants train at DDOME's setting and the untuned methods at their own.
         tuned = [m for m in methods if m not in UNTUNED and m not in VARIANT_PRESETS]
         tuning = run_matrix({m: lr_candidates(m, chosen, lrs) for m in tuned}, "validation")
-        chosen = {**chosen, **best_by_mean(tuning)}
+        chosen = {**chosen, **best_settings(tuning, tuned)}
         tuning_text = (
             "\nChoosing the learning rate: validation accuracy (%) of every tuned method at each, mean of the "
             f"last 5 evaluations over seeds {args.seeds} (the validation split, never the test split), per column "

@@ -803,14 +803,12 @@ class DDOME(Strategy):
 
     def _dispatch(self, clients_experts: Mapping[int, list[int]], arrays: ArrayRecord, config: dict, message_type: str):
         marked = {} if self.generalist is None else {"generalist-expert": self.generalist}
+        sent = {node: self.sent_experts(experts) for node, experts in clients_experts.items()}
         return [
             self._message(
-                node,
-                select(arrays, moe_prefixes(self.sent_experts(experts))),
-                {**config, **marked, "experts": self.sent_experts(experts)},
-                message_type,
+                node, select(arrays, moe_prefixes(experts)), {**config, **marked, "experts": experts}, message_type
             )
-            for node, experts in clients_experts.items()
+            for node, experts in sent.items()
         ]
 
     def configure_train(  # type: ignore[override]
