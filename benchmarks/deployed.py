@@ -100,7 +100,7 @@ def training_seconds(run_config: Path, nodes: list[dict]) -> dict:
     """One anchor's and one normal client's local training of a round, timed in this process
     (the second of two calls: a node's worker pays PyTorch's set-up once per run), and the
     first load of a node folder (a worker loads it once per run)."""
-    from client_app.task import build_expert, build_local_gate, load_own_data
+    from client_app.task import build_expert, build_generalist, build_local_gate, load_own_data
     from ddome_strategy.client import embed, train_local
     from server_app.app import build_common_expert
     from server_app.config import DEFAULTS, resolve
@@ -118,7 +118,7 @@ def training_seconds(run_config: Path, nodes: list[dict]) -> dict:
         experts = [0] if role == "anchor" else list(range(int(cfg["top-k"])))
         experts += [] if generalist is None else [generalist]
         gate = build_local_gate(cfg, embeddings.shape[1])
-        models = {e: build_expert(cfg, data) for e in experts}
+        models = {e: (build_generalist if e == generalist else build_expert)(cfg, data) for e in experts}
         anchor = experts[0] if role == "anchor" else None
         cfg_round = {**cfg, "server-round": 1}
         for _ in range(2):  # the first call pays PyTorch's one-time set-up (as a node's first round does)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from flwr.clientapp import ClientApp
 
 from client_app import baselines
-from client_app.task import build_expert, build_local_gate, check_node, node_data
+from client_app.task import build_expert, build_generalist, build_local_gate, check_node, node_data
 from ddome_strategy.client import DDOMEClient, replies_errors
 
 app = ClientApp()
@@ -32,6 +32,7 @@ DDOMEClient(
     build_gate=build_local_gate,
     build_expert=build_expert,
     check_node=check_node,
+    build_generalist=build_generalist,
 ).register(app)
 
 # The benchmark's baselines (client_app/baselines.py).

@@ -15,7 +15,7 @@ from torch import nn
 from data.node_data import DataSpec, anchor_label_groups, check_node_folder, load_node_data, spec_from_run_config
 from data.settings import load_partitioned, partition_settings
 from ddome_strategy.client import ClientData, built_with
-from ddome_strategy.models import Classifier, build_gate, build_model
+from ddome_strategy.models import Classifier, build_gate, build_model, generalist_hidden
 
 if "OMP_NUM_THREADS" not in os.environ:
     # Simulated clients share the machine's cores, and small models run fastest on one
@@ -104,6 +104,12 @@ def _own_data(data_path: str, subpath: str, spec: DataSpec, groups: tuple) -> Lo
 def build_expert(cfg, data: LocalData) -> Classifier:
     """An expert (or the common expert) of the configured architecture."""
     return build_model(str(cfg["arch"]), data.input_shape, data.num_classes, int(cfg["mlp-hidden"]))
+
+
+def build_generalist(cfg, data: LocalData) -> Classifier:
+    """The generalist: an expert with ``generalist-width`` of the hidden units."""
+    hidden = generalist_hidden(int(cfg["mlp-hidden"]), float(cfg["generalist-width"]))
+    return build_model(str(cfg["arch"]), data.input_shape, data.num_classes, hidden)
 
 
 def build_local_gate(cfg, embedding_dim: int) -> nn.Module:

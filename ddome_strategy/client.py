@@ -285,6 +285,10 @@ class DDOMEClient:
         ``(context) -> None``, run on the role query: raise ``ValueError`` if this node
         cannot take part (its data folder is missing, say), so that it is reported and
         left out before the first round.
+    build_generalist : callable, optional
+        ``(cfg, data) -> nn.Module`` for the generalist (the expert of the per-round key
+        ``generalist-expert``) when it differs from the others (this project's is
+        narrower); default ``build_expert``.
     """
 
     def __init__(
@@ -294,12 +298,14 @@ class DDOMEClient:
         build_gate: Callable[[dict, int], nn.Module],
         build_expert: Callable[[dict, ClientData], nn.Module],
         check_node: Callable[[Context], None] | None = None,
+        build_generalist: Callable[[dict, ClientData], nn.Module] | None = None,
     ) -> None:
         self.load_data = load_data
         self.build_common_expert = build_common_expert
         self.build_gate = build_gate
         self.build_expert = build_expert
         self.check_node = check_node
+        self.build_generalist = build_generalist or build_expert
 
     def register(self, app: ClientApp) -> ClientApp:
         """Register the four handlers on ``app`` (``query.role``, ``query.route``,
@@ -339,8 +345,15 @@ class DDOMEClient:
     def models(self, cfg, data, arrays: ArrayRecord, embedding_dim: int):
         """The gate and the experts of ``cfg["experts"]``, with the message's weights."""
         gate = built_with(self.build_gate, arrays, GATE_PREFIX, cfg, embedding_dim)
+        generalist = cfg.get("generalist-expert")
         experts = {
-            int(e): built_with(self.build_expert, arrays, expert_prefix(int(e)), cfg, data)
+            int(e): built_with(
+                self.build_generalist if e == generalist else self.build_expert,
+                arrays,
+                expert_prefix(int(e)),
+                cfg,
+                data,
+            )
             for e in cfg.get("experts", [])
         }
         return gate, experts

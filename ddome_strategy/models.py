@@ -7,12 +7,15 @@ embedding the gate routes on (the spec's choice: penultimate-layer features).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
 ARCHITECTURES = ("mlp", "cnn", "resnet18", "resnet34")
+# Those whose hidden width is a setting (ResNets ignore it), so a narrower generalist exists.
+NARROWABLE = ("mlp", "cnn")
 
 
 class Classifier(nn.Module):
@@ -96,6 +99,41 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int, hidde
     else:
         raise ValueError(f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}.")
     return Classifier(body, dim, num_classes)
+
+
+def generalist_hidden(hidden: int, width: float) -> int:
+    """Hidden units of the generalist: ``width`` (a fraction) of the experts' ``hidden``."""
+    return max(1, round(hidden * width))
+
+
+def narrowed(model: Classifier, width: int) -> Classifier:
+    """A copy of ``model`` with ``width`` units in its body's last hidden layer: the ones
+    that matter most (norm of the weights into a unit times the norm of the head's weights
+    out of it), so the copy starts close to the original.
+
+    The narrow generalist starts this way from the common expert: half its units cost
+    half its bytes. Works for bodies that end in a ``Linear`` and a ``ReLU`` (``mlp``,
+    ``cnn``).
+    """
+    layers = list(model.body) if isinstance(model.body, nn.Sequential) else []
+    if len(layers) < 2 or not isinstance(layers[-2], nn.Linear) or not isinstance(layers[-1], nn.ReLU):
+        raise ValueError("narrowed() needs a body that ends in Linear and ReLU (the mlp and cnn architectures).")
+    last = layers[-2]
+    if not 1 <= width <= last.out_features:
+        raise ValueError(f"width {width} is not in 1..{last.out_features}.")
+    importance = last.weight.detach().norm(dim=1) * model.head.weight.detach().norm(dim=0)
+    keep = importance.argsort(descending=True)[:width].sort().values
+    narrow_last = nn.Linear(last.in_features, width)
+    head = nn.Linear(width, model.head.out_features)
+    with torch.no_grad():
+        narrow_last.weight.copy_(last.weight[keep])
+        narrow_last.bias.copy_(last.bias[keep])
+        head.weight.copy_(model.head.weight[:, keep])
+        head.bias.copy_(model.head.bias)
+    body = nn.Sequential(*(copy.deepcopy(layer) for layer in layers[:-2]), narrow_last, nn.ReLU())
+    narrow = Classifier(body, width, model.head.out_features)
+    narrow.head = head
+    return narrow
 
 
 def build_gate(embedding_dim: int, num_experts: int, hidden: int = 64) -> nn.Module:

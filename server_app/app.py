@@ -23,7 +23,7 @@ from data.settings import partitioned
 from ddome_strategy import DDOME, layout_roles, pack_moe
 from ddome_strategy.aggregation import check_update
 from ddome_strategy.common_expert import load_or_pretrain
-from ddome_strategy.models import build_gate, build_model
+from ddome_strategy.models import NARROWABLE, build_gate, build_model, generalist_hidden, narrowed
 from ddome_strategy.moe import ZERO_SHOT_RULES
 from server_app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server_app.config import ConfigError, client_config, node_local, resolve
@@ -128,7 +128,12 @@ def common_expert_on_node_local_data(cfg: dict):
 
 
 def build_moe(cfg: dict, dataset, common) -> ArrayRecord:
-    """The initial gate (random) and experts (copies of the common expert, or random)."""
+    """The initial gate (random) and experts (copies of the common expert, or random).
+
+    The generalist (expert M) has ``generalist-width`` of the experts' hidden units (mlp,
+    cnn; a ResNet's is as wide); from the common expert, it keeps the units that matter
+    most (:func:`narrowed`).
+    """
     torch.manual_seed(cfg["seed"])
     count = cfg["num-experts"] + cfg["generalist"]  # the generalist is expert M
     # Experts first, then the gate: expert i's random initialisation does not depend on
@@ -139,6 +144,8 @@ def build_moe(cfg: dict, dataset, common) -> ArrayRecord:
         experts = [
             build_model(cfg["arch"], dataset.input_shape, dataset.num_classes, cfg["mlp-hidden"]) for _ in range(count)
         ]
+    if cfg["generalist"] and cfg["generalist-width"] < 1 and cfg["arch"] in NARROWABLE:
+        experts[-1] = narrowed(experts[-1], generalist_hidden(cfg["mlp-hidden"], cfg["generalist-width"]))
     gate = build_gate(common.feature_dim, count, cfg["gate-hidden"])
     return pack_moe(gate, experts)
 

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "top-k-min": 1,
     "dispatch-mass": 0.6,
     "generalist": True,
+    "generalist-width": 0.5,
     "zero-shot-rule": "blend",
     "num-train-clients": 20,
     "num-test-clients": 5,
@@ -159,6 +160,7 @@ def validate(cfg: dict[str, Any]) -> None:
         (1 <= cfg["top-k"] <= m, f"top-k={cfg['top-k']} must be between 1 and num-experts={m}"),
         (1 <= cfg["top-k-min"] <= cfg["top-k"], f"top-k-min={cfg['top-k-min']} must be between 1 and top-k"),
         (0 <= cfg["dispatch-mass"] <= 1, "dispatch-mass must be in [0, 1] (0: always top-k experts)"),
+        (0 < cfg["generalist-width"] <= 1, "generalist-width must be in (0, 1] (1: as wide as the experts)"),
         (
             cfg["num-train-clients"] >= m,
             f"num-train-clients={cfg['num-train-clients']} must be at least num-experts={m} (one anchor per expert)",
@@ -260,6 +262,7 @@ def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "anchor-labels",
         "zero-shot-rule",
         "generalist",
+        "generalist-width",
         "arch",
         "mlp-hidden",
         "gate-hidden",

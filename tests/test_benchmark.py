@@ -8,7 +8,8 @@ from flwr.app import ArrayRecord, MessageType
 from benchmarks import compare
 from benchmarks.compare import METHODS, CountingGrid, main, parse_args, resolve_config, run_method, summarise
 from client_app.app import app as client_app
-from ddome_strategy.arrays import experts_in
+from ddome_strategy.arrays import expert_prefix, experts_in, select
+from ddome_strategy.models import generalist_hidden
 from ddome_strategy.protocol import ARRAYS
 from server_app.app import build_common_expert, build_moe
 from server_app.inprocess import InProcessGrid
@@ -138,22 +139,32 @@ def test_a_generalist_run_sends_and_trains_the_generalist_in_every_training_mess
     grid = InProcessGrid(client_app, cfg["num-train-clients"] + cfg["num-test-clients"])
     train_nodes = [n for n, c in grid.contexts.items() if c.node_config["partition-id"] < cfg["num-train-clients"]]
     recording = RecordingGrid(grid, train_nodes)
-    sent_experts = []
+    sent = []
     send = recording.send_and_receive
 
     def spy(messages, *, timeout=None):
         messages = list(messages)
-        sent_experts.extend(
-            experts_in(m.content[ARRAYS]) for m in messages if m.metadata.message_type == MessageType.TRAIN
-        )
+        sent.extend(m.content[ARRAYS] for m in messages if m.metadata.message_type == MessageType.TRAIN)
         return send(messages, timeout=timeout)
 
     recording.send_and_receive = spy
     result = run_method("ddome", cfg, dataset, common, lambda line: None, recording)
     m, k = cfg["num-experts"], cfg["top-k"]
+    sent_experts = [experts_in(arrays) for arrays in sent]
     assert len(sent_experts) == 3 * (cfg["anchors-per-round"] + cfg["normal-per-round"])
     # Anchors: their own expert and the generalist; normal clients: top-K of 0..M-1 and it.
     assert all(e[-1] == m and len(e) in (2, k + 1) and max(e[:-1]) < m for e in sent_experts)
+    # The generalist has generalist-width (0.5 by default) of an expert's hidden units,
+    # and about that share of its bytes.
+    hidden = generalist_hidden(cfg["mlp-hidden"], cfg["generalist-width"])
+    assert hidden == cfg["mlp-hidden"] // 2
+    for arrays in sent:
+        assert arrays[f"{expert_prefix(m)}head.weight"].shape == (dataset.num_classes, hidden)
+        specialist = next(e for e in experts_in(arrays) if e != m)
+        share = (
+            select(arrays, [expert_prefix(m)]).count_bytes() / select(arrays, [expert_prefix(specialist)]).count_bytes()
+        )
+        assert 0.45 < share < 0.55
     assert result["bytes-per-round"] == pytest.approx(recording.bytes / cfg["num-server-rounds"], rel=1e-9)
     assert result["zero-shot-acc"] > 0.3
 

@@ -43,6 +43,8 @@ def test_preset_applies_and_explicit_override_wins(tmp_path):
         ({"partition-mode": "iid"}, "partition-mode"),
         ({"data-root": "/no/such/dir"}, "data-root"),
         ({"lr": "fast"}, "lr"),
+        ({"generalist-width": 0.0}, "generalist-width"),
+        ({"generalist-width": 1.5}, "generalist-width"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key):

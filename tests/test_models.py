@@ -6,7 +6,7 @@ import torch
 from data import load_dataset
 from ddome_strategy import common_expert
 from ddome_strategy.common_expert import load_or_pretrain, split_public
-from ddome_strategy.models import ARCHITECTURES, build_gate, build_model
+from ddome_strategy.models import ARCHITECTURES, NARROWABLE, build_gate, build_model, generalist_hidden, narrowed
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -20,6 +20,35 @@ def test_every_architecture_classifies_and_embeds(arch):
         # CIFAR adaptation: 3x3 stride-1 stem and no max-pool.
         assert model.body.conv1.kernel_size == (3, 3) and model.body.conv1.stride == (1, 1)
         assert isinstance(model.body.maxpool, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_narrowed_keeps_the_units_that_matter_most(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, (1, 28, 28), 10, hidden=16)
+    last = model.body[-2]
+    with torch.no_grad():  # units 3 and 7 carry nothing out: they must be the ones dropped
+        model.head.weight[:, [3, 7]] = 0
+    narrow = narrowed(model, 14)
+    # Built like an expert of that width, so a client loads it with the same builder.
+    reference = build_model(arch, (1, 28, 28), 10, hidden=14).state_dict()
+    assert {k: v.shape for k, v in narrow.state_dict().items()} == {k: v.shape for k, v in reference.items()}
+    kept = [i for i in range(16) if i not in (3, 7)]
+    assert torch.equal(narrow.body[-2].weight, last.weight[kept])
+    assert torch.equal(narrow.head.weight, model.head.weight[:, kept])
+    # Dropping units that carry nothing out changes no prediction.
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(narrow(x), model(x), atol=1e-5)
+    assert torch.allclose(narrowed(model, 16)(x), model(x), atol=1e-5)
+
+
+def test_narrowed_refuses_what_it_cannot_narrow():
+    with pytest.raises(ValueError, match="Linear and ReLU"):
+        narrowed(build_model("resnet18", (3, 32, 32), 10), 8)
+    with pytest.raises(ValueError, match="width 0"):
+        narrowed(build_model("mlp", (1, 8, 8), 10, hidden=16), 0)
+    assert generalist_hidden(128, 0.5) == 64
+    assert generalist_hidden(3, 0.1) == 1
 
 
 def test_unknown_architecture_is_refused():
@@ -77,3 +106,24 @@ def test_common_expert_stops_on_a_validation_slice_of_the_public_split(tmp_path)
         common_expert.accuracy(model, dataset.train_x[validation], dataset.train_y[validation])
     )
     assert accuracy >= 0.8
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet18"])
+def test_the_server_starts_the_generalist_the_clients_build(arch):
+    from types import SimpleNamespace
+
+    from client_app.task import build_generalist
+    from ddome_strategy.arrays import expert_prefix, load_part
+    from server_app.app import build_moe
+    from server_app.config import DEFAULTS, resolve
+
+    cfg = resolve({**DEFAULTS, "arch": arch})
+    data = SimpleNamespace(input_shape=(3, 32, 32), num_classes=10)
+    common = build_model(arch, data.input_shape, data.num_classes, cfg["mlp-hidden"])
+    arrays = build_moe(cfg, data, common)
+    generalist = build_generalist(cfg, data)
+    load_part(generalist, arrays, expert_prefix(cfg["num-experts"]))  # strict: every shape fits
+    size = sum(p.numel() for p in generalist.parameters())
+    full = sum(p.numel() for p in common.parameters())
+    # Half the hidden units: about half the bytes for mlp and cnn; a ResNet's is as wide.
+    assert (size < 0.6 * full) if arch in NARROWABLE else (size == full)
