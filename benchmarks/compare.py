@@ -73,7 +73,15 @@ VARIANT_PRESETS = {"ddome-paper": "configs/paper.yaml", "ddome-no-generalist": "
 # Methods run as they are, never tuned.
 UNTUNED = ("ddome-paper", "common-expert")
 # The options that make DDOME's default, recorded with every run.
-DDOME_OPTIONS = ("top-k", "top-k-min", "dispatch-mass", "zero-shot-rule", "dirichlet-anchors", "generalist")
+DDOME_OPTIONS = (
+    "top-k",
+    "top-k-min",
+    "dispatch-mass",
+    "zero-shot-rule",
+    "dirichlet-anchors",
+    "generalist",
+    "generalist-width",
+)
 ENGINES = ("inprocess", "simulation")
 
 # The same grid for every method (the gate's learning rate stays a tenth of the experts',
