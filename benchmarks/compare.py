@@ -81,6 +81,7 @@ DDOME_OPTIONS = (
     "dirichlet-anchors",
     "generalist",
     "generalist-width",
+    "generalist-proximal-mu",
 )
 ENGINES = ("inprocess", "simulation")
 

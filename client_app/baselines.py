@@ -11,7 +11,7 @@ from client_app.task import expert_from, node_data
 from ddome_strategy.arrays import expert_prefix, experts_in, pack_part
 from ddome_strategy.client import batches, node_seed, predict, settings
 from ddome_strategy.models import pick_device
-from ddome_strategy.moe import blend_with_common
+from ddome_strategy.moe import blend_with_common, proximal_term
 from ddome_strategy.protocol import ARRAYS, COMMON_EXPERT, METRICS
 
 # Message types of the baselines (Flower named actions; see client_app/app.py).
@@ -40,7 +40,7 @@ def train_single(message: Message, context: Context) -> Message:
         for idx in batches(len(data.train_y), int(cfg["batch-size"]), seed + epoch):
             loss = F.cross_entropy(model(data.train_x[idx].to(device)), data.train_y[idx].to(device))
             if mu > 0:
-                loss = loss + mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
+                loss = loss + mu / 2 * proximal_term(model, global_params)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

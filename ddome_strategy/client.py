@@ -51,6 +51,7 @@ from .moe import (
     confident_predictions,
     fallback_predictions,
     mixture_loss,
+    proximal_term,
     routing_error,
     zero_shot_predictions,
 )
@@ -64,6 +65,7 @@ TRAINING_DEFAULTS = {
     "momentum": 0.9,
     "batch-size": 32,
     "local-epochs": 1,
+    "generalist-proximal-mu": 1.0,
     "zero-shot-rule": "blend",
     "seed": 0,
 }
@@ -170,7 +172,9 @@ def train_local(
     A normal client minimises the mixture cross-entropy over its K experts; an anchor
     (``anchor_expert`` set) its expert's cross-entropy plus the one-hot gate loss. With a
     ``generalist`` (the expert every client is sent), both add its own cross-entropy, so
-    that it learns from every client as FedAvg's model would. One
+    that it learns from every client as FedAvg's model would, held near the weights it was
+    sent by FedProx's proximal term (``generalist-proximal-mu``): it is the one expert every
+    client trains, so the one whose local drift averages worst. One
     SGD optimiser: ``lr`` for the experts, ``gate-lr`` for the gate, ``momentum``,
     ``local-epochs`` epochs of ``batch-size``.
     """
@@ -186,6 +190,8 @@ def train_local(
         momentum=float(cfg["momentum"]),
     )
     selected = list(experts)
+    mu = float(cfg["generalist-proximal-mu"]) if generalist is not None else 0.0
+    sent = [p.detach().clone() for p in experts[generalist].parameters()] if mu > 0 else []
     losses = []
     for epoch in range(int(cfg["local-epochs"])):
         for idx in batches(len(x), int(cfg["batch-size"]), seed + epoch):
@@ -203,6 +209,8 @@ def train_local(
                 loss = mixture_loss(gate_logits[:, selected], expert_logits, yb)
                 if generalist is not None:
                     loss = loss + F.cross_entropy(expert_logits[:, selected.index(generalist)], yb)
+            if mu > 0:
+                loss = loss + mu / 2 * proximal_term(experts[generalist], sent)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

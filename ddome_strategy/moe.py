@@ -148,6 +148,12 @@ def blend_with_common(
     return (1 - weight) * probs + weight * torch.softmax(common_logits, dim=1)
 
 
+def proximal_term(model: torch.nn.Module, start: list[torch.Tensor]) -> torch.Tensor:
+    """FedProx's proximal term without its mu/2: the squared distance of ``model``'s
+    parameters from ``start`` (the weights it was sent this round)."""
+    return sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start))
+
+
 def routing_error(gate_probs: torch.Tensor, labels: torch.Tensor, label_to_expert: dict[int, int]) -> float:
     """Share of samples whose top-1 gate expert is not the anchor expert of their label.
 

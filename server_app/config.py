@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "dispatch-mass": 0.6,
     "generalist": True,
     "generalist-width": 0.5,
+    "generalist-proximal-mu": 1.0,
     "zero-shot-rule": "blend",
     "num-train-clients": 20,
     "num-test-clients": 5,
@@ -161,6 +162,7 @@ def validate(cfg: dict[str, Any]) -> None:
         (1 <= cfg["top-k-min"] <= cfg["top-k"], f"top-k-min={cfg['top-k-min']} must be between 1 and top-k"),
         (0 <= cfg["dispatch-mass"] <= 1, "dispatch-mass must be in [0, 1] (0: always top-k experts)"),
         (0 < cfg["generalist-width"] <= 1, "generalist-width must be in (0, 1] (1: as wide as the experts)"),
+        (cfg["generalist-proximal-mu"] >= 0, "generalist-proximal-mu must be at least 0 (0: no proximal term)"),
         (
             cfg["num-train-clients"] >= m,
             f"num-train-clients={cfg['num-train-clients']} must be at least num-experts={m} (one anchor per expert)",
@@ -263,6 +265,7 @@ def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "zero-shot-rule",
         "generalist",
         "generalist-width",
+        "generalist-proximal-mu",
         "arch",
         "mlp-hidden",
         "gate-hidden",

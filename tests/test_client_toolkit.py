@@ -2,6 +2,8 @@
 every reply follows the protocol, embeddings are computed once, a node that cannot work
 answers with an error naming it."""
 
+import copy
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -11,6 +13,7 @@ from torch import nn
 from ddome_strategy import client as toolkit
 from ddome_strategy.arrays import moe_prefixes, pack_moe, select
 from ddome_strategy.client import ClientData, DDOMEClient
+from ddome_strategy.moe import proximal_term
 from ddome_strategy.protocol import (
     CLIENT_CONFIG,
     COMMON_EXPERT,
@@ -203,3 +206,31 @@ def test_an_anchor_tells_the_gate_its_specialist_and_leaves_the_generalist_weigh
         toolkit.train_local(cfg, gate, {k: nn.Linear(6, 3) for k in sent}, x, e, y, anchor, seed=0, generalist=2)
         assert torch.equal(gate.weight[2], before[2]) == (anchor == 0)
         assert not torch.equal(gate.weight[sent[0]], before[sent[0]])  # its specialist's row moves
+
+
+def test_the_proximal_term_holds_the_generalist_near_its_sent_weights_and_nothing_else():
+    # An anchor of expert 0 sent the generalist 2: with generalist-proximal-mu its
+    # generalist ends nearer the weights it was sent than without, while its specialist
+    # and the gate (whose losses do not involve the generalist) train exactly as without.
+    torch.manual_seed(0)
+    x, y, e = torch.randn(64, 6), torch.randint(0, 3, (64,)), torch.randn(64, 4)
+    gate0, experts0 = nn.Linear(4, 3), {0: nn.Linear(6, 3), 2: nn.Linear(6, 3)}
+    sent = [p.detach().clone() for p in experts0[2].parameters()]
+    trained = {}
+    for mu in (0.0, 20.0):
+        gate, experts = copy.deepcopy(gate0), copy.deepcopy(experts0)
+        cfg = {**toolkit.TRAINING_DEFAULTS, "batch-size": 4, "generalist-proximal-mu": mu}
+        toolkit.train_local(cfg, gate, experts, x, e, y, 0, seed=0, generalist=2)
+        trained[mu] = (gate, experts, float(proximal_term(experts[2], sent)))
+    assert 0 < trained[20.0][2] < trained[0.0][2] / 2
+    assert torch.equal(trained[20.0][1][0].weight, trained[0.0][1][0].weight)
+    assert torch.equal(trained[20.0][0].weight, trained[0.0][0].weight)
+
+
+def test_the_proximal_term_is_the_squared_distance_from_the_sent_weights():
+    model = nn.Linear(2, 1)
+    sent = [p.detach().clone() for p in model.parameters()]
+    assert float(proximal_term(model, sent)) == 0.0
+    with torch.no_grad():
+        model.weight.add_(torch.tensor([[1.0, 2.0]]))
+    assert float(proximal_term(model, sent)) == pytest.approx(5.0)

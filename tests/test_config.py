@@ -45,6 +45,7 @@ def test_preset_applies_and_explicit_override_wins(tmp_path):
         ({"lr": "fast"}, "lr"),
         ({"generalist-width": 0.0}, "generalist-width"),
         ({"generalist-width": 1.5}, "generalist-width"),
+        ({"generalist-proximal-mu": -0.1}, "generalist-proximal-mu"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key):
