@@ -57,3 +57,22 @@ def test_a_config_error_stops_before_any_run(tmp_path):
     assert refused.stdout.strip().splitlines()[-1] == (
         "DDOME run not started: top-k=9 must be between 1 and num-experts=5."
     )
+
+
+def test_the_app_bundle_leaves_out_results_and_stays_under_flowers_cap():
+    # `flwr run` bundles the app with every .md/.json file under it and refuses a bundle
+    # over 10 MB: docs/ (benchmark results, over 10 MB) and a user's outputs/ (run
+    # folders, here one of 12 MB of incompressible JSON) must stay out, the app's code in.
+    import base64
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_files
+    from flwr.cli.utils import collect_files
+
+    files = collect_files(REPO)
+    files["outputs/run/metrics.jsonl"] = base64.b64encode(os.urandom(9 * 2**20))
+    fab, _ = build_fab_from_files(files)  # raises above the cap
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "server_app/app.py" in names and "client_app/app.py" in names
+    assert not [n for n in names if n.startswith(("docs/", "outputs/"))]
