@@ -82,6 +82,7 @@ DDOME_OPTIONS = (
     "generalist",
     "generalist-width",
     "generalist-proximal-mu",
+    "generalist-lr-scale",
 )
 ENGINES = ("inprocess", "simulation")
 

@@ -66,6 +66,7 @@ TRAINING_DEFAULTS = {
     "batch-size": 32,
     "local-epochs": 1,
     "generalist-proximal-mu": 1.0,
+    "generalist-lr-scale": 1.0,  # the generalist's learning rate, as a multiple of ``lr``
     "zero-shot-rule": "blend",
     "seed": 0,
 }
@@ -175,18 +176,19 @@ def train_local(
     that it learns from every client as FedAvg's model would, held near the weights it was
     sent by FedProx's proximal term (``generalist-proximal-mu``): it is the one expert every
     client trains, so the one whose local drift averages worst. One
-    SGD optimiser: ``lr`` for the experts, ``gate-lr`` for the gate, ``momentum``,
-    ``local-epochs`` epochs of ``batch-size``.
+    SGD optimiser: ``lr`` for the specialists, ``lr`` times ``generalist-lr-scale`` for the
+    generalist, ``gate-lr`` for the gate, ``momentum``, ``local-epochs`` epochs of
+    ``batch-size``.
     """
     device = pick_device()
     gate.to(device).train()
     for expert in experts.values():
         expert.to(device).train()
+    lr = float(cfg["lr"])
+    expert_lr = {e: lr * float(cfg["generalist-lr-scale"]) if e == generalist else lr for e in experts}
     optimizer = torch.optim.SGD(
-        [
-            {"params": [p for e in experts.values() for p in e.parameters()], "lr": float(cfg["lr"])},
-            {"params": gate.parameters(), "lr": float(cfg["gate-lr"])},
-        ],
+        [{"params": expert.parameters(), "lr": expert_lr[e]} for e, expert in experts.items()]
+        + [{"params": gate.parameters(), "lr": float(cfg["gate-lr"])}],
         momentum=float(cfg["momentum"]),
     )
     selected = list(experts)

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "generalist": True,
     "generalist-width": 0.5,
     "generalist-proximal-mu": 1.0,
+    "generalist-lr-scale": 1.0,
     "zero-shot-rule": "blend",
     "num-train-clients": 20,
     "num-test-clients": 5,
@@ -163,6 +164,7 @@ def validate(cfg: dict[str, Any]) -> None:
         (0 <= cfg["dispatch-mass"] <= 1, "dispatch-mass must be in [0, 1] (0: always top-k experts)"),
         (0 < cfg["generalist-width"] <= 1, "generalist-width must be in (0, 1] (1: as wide as the experts)"),
         (cfg["generalist-proximal-mu"] >= 0, "generalist-proximal-mu must be at least 0 (0: no proximal term)"),
+        (cfg["generalist-lr-scale"] > 0, "generalist-lr-scale must be positive (1: the generalist at lr)"),
         (
             cfg["num-train-clients"] >= m,
             f"num-train-clients={cfg['num-train-clients']} must be at least num-experts={m} (one anchor per expert)",
@@ -266,6 +268,7 @@ def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "generalist",
         "generalist-width",
         "generalist-proximal-mu",
+        "generalist-lr-scale",
         "arch",
         "mlp-hidden",
         "gate-hidden",

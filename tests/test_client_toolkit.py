@@ -227,6 +227,27 @@ def test_the_proximal_term_holds_the_generalist_near_its_sent_weights_and_nothin
     assert torch.equal(trained[20.0][0].weight, trained[0.0][0].weight)
 
 
+def test_the_generalist_steps_at_its_scaled_learning_rate_and_the_specialists_at_lr():
+    # One plain SGD step (one mini-batch, no momentum, no proximal term) of a routed
+    # client sent specialist 0 and generalist 2: with generalist-lr-scale 3 the
+    # generalist moves three times as far as at scale 1, the specialist and gate the same.
+    torch.manual_seed(0)
+    x, y, e = torch.randn(8, 6), torch.randint(0, 3, (8,)), torch.randn(8, 4)
+    gate0, experts0 = nn.Linear(4, 3), {0: nn.Linear(6, 3), 2: nn.Linear(6, 3)}
+    moved = {}
+    for scale in (1.0, 3.0):
+        gate, experts = copy.deepcopy(gate0), copy.deepcopy(experts0)
+        cfg = {**toolkit.TRAINING_DEFAULTS, "batch-size": 8, "momentum": 0.0}
+        cfg.update({"generalist-proximal-mu": 0.0, "generalist-lr-scale": scale})
+        toolkit.train_local(cfg, gate, experts, x, e, y, None, seed=0, generalist=2)
+        moved[scale] = {k: experts[k].weight - experts0[k].weight for k in experts}
+        moved[scale]["gate"] = gate.weight - gate0.weight
+    assert torch.allclose(moved[3.0][2], 3 * moved[1.0][2], atol=1e-7)
+    assert moved[1.0][2].abs().max() > 0
+    assert torch.equal(moved[3.0][0], moved[1.0][0])
+    assert torch.equal(moved[3.0]["gate"], moved[1.0]["gate"])
+
+
 def test_the_proximal_term_is_the_squared_distance_from_the_sent_weights():
     model = nn.Linear(2, 1)
     sent = [p.detach().clone() for p in model.parameters()]
