@@ -89,7 +89,10 @@ def test_the_published_matrix_ran_the_current_default():
     from server_app.config import DEFAULTS, load_preset
 
     results = json.loads(open("docs/img/matrix/results.json", encoding="utf-8").read())["results"]
-    options = {r["method"]: r["ddome-options"] for r in results if r["method"].startswith("ddome")}
+    # An option added after the published run counts at the value that runs the code
+    # before it (generalist-lr-scale 1: every expert at lr); its default moving still fails.
+    predated = {"generalist-lr-scale": 1.0}
+    options = {r["method"]: {**predated, **r["ddome-options"]} for r in results if r["method"].startswith("ddome")}
     assert options["ddome"] == {k: DEFAULTS[k] for k in DDOME_OPTIONS}
     for variant, preset in VARIANT_PRESETS.items():
         expected = {**{k: DEFAULTS[k] for k in DDOME_OPTIONS}, **load_preset(preset)}
