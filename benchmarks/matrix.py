@@ -74,7 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument(
-        "--versus-best", metavar="RESULTS", default="", help="only print that table for a finished run's results.json"
+        "--versus-best",
+        metavar="RESULTS",
+        nargs="+",
+        default=[],
+        help="only print DDOME against the best other method for finished runs' results.json, pooled (e.g. the "
+        "matrix and a run of the same settings on more seeds), with the per-seed differences",
     )
     parser.add_argument("--out", default="")
     return parser.parse_args(argv)
@@ -206,6 +211,40 @@ def versus_best_table(results: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(results: list[dict], columns: list[str], method: str = "ddome") -> str:
+    """``method`` against the best other method of each column, seed by seed: the mean of the
+    per-seed differences ± its standard error, and the seeds on which ``method`` is ahead.
+
+    The seeds change the partition, the common expert and every initialisation, for every
+    method alike, so a difference taken within a seed leaves out what they share; the
+    standard error says how far a mean over this many seeds can move with other seeds.
+    """
+    lines = [
+        "| setting | best other method | seeds | "
+        + f"{NAMES[method]} | best other | difference, mean ± standard error | {NAMES[method]} ahead |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for column in columns:
+        accuracy = defaultdict(dict)
+        for r in results:
+            if r["column"] == column:
+                accuracy[r["method"]][r["seed"]] = 100 * r["zero-shot-acc"]
+        others = [m for m in accuracy if not m.startswith("ddome")]
+        if method not in accuracy or not others:
+            continue
+        best = max(others, key=lambda m: np.mean(list(accuracy[m].values())))
+        seeds = sorted(set(accuracy[method]) & set(accuracy[best]))
+        ours = np.array([accuracy[method][s] for s in seeds])
+        theirs = np.array([accuracy[best][s] for s in seeds])
+        gaps = ours - theirs
+        error = gaps.std(ddof=1) / np.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
+        lines.append(
+            f"| {column} | {NAMES[best]} | {len(seeds)} | {ours.mean():.2f} | {theirs.mean():.2f} | "
+            f"{gaps.mean():+.2f} ± {error:.2f} | {int((gaps > 0).sum())} of {len(seeds)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def per_seed_table(results: list[dict], columns: list[str]) -> str:
     """Per seed figures: ``seed: accuracy`` for every method and setting."""
     lines = ["| method | setting | per seed (mean of last 5 evals, %) | setting used |", "|---|---|---|---|"]
@@ -223,9 +262,12 @@ def main(argv=None) -> Path:
     """Run the matrix; write matrix.md and results.json."""
     args = parse_args(argv)
     if args.versus_best:
-        results = json.loads(Path(args.versus_best).read_text())["results"]
-        print(versus_best_table(results, list(dict.fromkeys(r["column"] for r in results))))
-        return Path(args.versus_best).parent
+        results = [r for path in args.versus_best for r in json.loads(Path(path).read_text())["results"]]
+        columns = list(dict.fromkeys(r["column"] for r in results))
+        # Pooled runs hold other seeds for some rows: only the seed-by-seed table compares like with like.
+        versus = versus_best_table(results, columns) + "\n" if len(args.versus_best) == 1 else ""
+        print(versus + paired_table(results, columns))
+        return Path(args.versus_best[0]).parent
     columns = [c.strip() for c in args.settings.split(",") if c.strip()]
     unknown = sorted(set(columns) - set(SETTINGS))
     if unknown:
@@ -273,7 +315,10 @@ def main(argv=None) -> Path:
     versus = versus_best_table(results, columns)
     versus_text = versus and (
         "\nDDOME against the best other method of each column (baselines and the common expert alone; "
-        "difference in points), and its bytes per round as a share of FedMix's:\n\n" + versus
+        "difference in points), and its bytes per round as a share of FedMix's:\n\n"
+        + versus
+        + "\nThe same, seed by seed (pool this run with one of other seeds: `--versus-best A/results.json "
+        "B/results.json`):\n\n" + paired_table(results, columns)
     )
     command = " ".join(["python -m benchmarks.matrix", *(argv if argv is not None else sys.argv[1:])])
     minutes = (time.perf_counter() - started) / 60

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import matrix
@@ -154,3 +155,28 @@ def test_tune_lr_chooses_each_methods_rate_on_the_validation_mean_over_columns(t
     assert matrix.chosen_settings(str(out / "results.json"))["fedavg"]["lr"] in (0.01, 0.1)
     table = (out / "matrix.md").read_text()
     assert "Choosing the learning rate" in table and table.count("**") >= 4
+
+
+def test_the_paired_table_takes_differences_within_each_seed_and_pools_runs(tmp_path, capsys):
+    def run(method, seed, acc, column="c"):
+        return {"method": method, "column": column, "seed": seed, "zero-shot-acc": acc / 100}
+
+    first = [run("ddome", 0, 90), run("fedavg", 0, 80), run("fedmix", 0, 85), run("ddome", 1, 70), run("fedavg", 1, 75)]
+    first += [run("fedmix", 1, 60), run("ddome", 0, 50, "other"), run("fedavg", 0, 55, "other")]
+    # FedAvg's mean (77.5) beats FedMix's (72.5): the differences are DDOME's minus FedAvg's, seed by seed.
+    table = matrix.paired_table(first, ["c", "other"])
+    row = next(line for line in table.splitlines() if line.startswith("| c |")).split("|")
+    assert [cell.strip() for cell in row[2:5]] == ["FedAvg", "2", "80.00"]
+    gaps = [10.0, -5.0]
+    error = float(np.std(gaps, ddof=1) / np.sqrt(2))
+    assert row[6].strip() == f"+2.50 ± {error:.2f}" and row[7].strip() == "1 of 2"
+    other = next(line for line in table.splitlines() if line.startswith("| other |")).split("|")
+    assert other[6].strip() == "-5.00 ± nan" and other[7].strip() == "0 of 1"
+    # Pooled from two results.json files on the command line: three seeds now.
+    (tmp_path / "a.json").write_text(json.dumps({"results": first}))
+    (tmp_path / "b.json").write_text(json.dumps({"results": [run("ddome", 2, 95), run("fedavg", 2, 70)]}))
+    matrix.main(["--versus-best", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    printed = capsys.readouterr().out
+    pooled = next(line for line in printed.splitlines() if line.startswith("| c |")).split("|")
+    assert pooled[3].strip() == "3" and pooled[7].strip() == "2 of 3"
+    assert "MB per round" not in printed  # pooled rows hold other seeds: no unpaired table
