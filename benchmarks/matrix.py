@@ -12,8 +12,10 @@ with ``--tune-lr`` its learning rate chosen first on the validation split averag
 every column, so no baseline is weakened and no method is tuned per column. Writes
 ``matrix.md`` (a row per method, a column per setting: mean of the last 5 evaluations over
 the seeds, ± the spread; then MB per round and wall time; DDOME against the best other
-method; the learning-rate choice) and ``results.json`` with every run's per-seed figures
+method, on the means and seed by seed; the learning-rate choice) and ``results.json`` with every run's per-seed figures
 and curves and the settings chosen (``--settings-from`` of a later run reads them).
+``--versus-best A/results.json B/results.json`` pools finished runs (the same settings on
+other seeds) into the seed-by-seed table.
 """
 
 from __future__ import annotations
