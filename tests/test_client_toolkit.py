@@ -221,7 +221,7 @@ def test_the_proximal_term_holds_the_generalist_near_its_sent_weights_and_nothin
         gate, experts = copy.deepcopy(gate0), copy.deepcopy(experts0)
         cfg = {**toolkit.TRAINING_DEFAULTS, "batch-size": 4, "generalist-proximal-mu": mu}
         toolkit.train_local(cfg, gate, experts, x, e, y, 0, seed=0, generalist=2)
-        trained[mu] = (gate, experts, float(proximal_term(experts[2], sent)))
+        trained[mu] = (gate, experts, proximal_term(experts[2], sent).item())
     assert 0 < trained[20.0][2] < trained[0.0][2] / 2
     assert torch.equal(trained[20.0][1][0].weight, trained[0.0][1][0].weight)
     assert torch.equal(trained[20.0][0].weight, trained[0.0][0].weight)
@@ -251,7 +251,7 @@ def test_the_generalist_steps_at_its_scaled_learning_rate_and_the_specialists_at
 def test_the_proximal_term_is_the_squared_distance_from_the_sent_weights():
     model = nn.Linear(2, 1)
     sent = [p.detach().clone() for p in model.parameters()]
-    assert float(proximal_term(model, sent)) == 0.0
+    assert proximal_term(model, sent).item() == 0.0
     with torch.no_grad():
         model.weight.add_(torch.tensor([[1.0, 2.0]]))
-    assert float(proximal_term(model, sent)) == pytest.approx(5.0)
+    assert proximal_term(model, sent).item() == pytest.approx(5.0)
