@@ -12,8 +12,9 @@ with ``--tune-lr`` its learning rate chosen first on the validation split averag
 every column, so no baseline is weakened and no method is tuned per column. Writes
 ``matrix.md`` (a row per method, a column per setting: mean of the last 5 evaluations over
 the seeds, ± the spread; then MB per round and wall time; DDOME against the best other
-method, on the means and seed by seed; the learning-rate choice) and ``results.json`` with every run's per-seed figures
-and curves and the settings chosen (``--settings-from`` of a later run reads them).
+method, on the means and seed by seed; the learning-rate choice) and ``results.json`` with
+every run's per-seed figures and curves and the settings chosen (``--settings-from`` of a
+later run reads them).
 ``--versus-best A/results.json B/results.json`` pools finished runs (the same settings on
 other seeds) into the seed-by-seed table.
 """
@@ -185,6 +186,16 @@ def blend_control_table(results: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_other_method(results: list[dict], column: str) -> str | None:
+    """The method other than DDOME's with the highest mean zero-shot accuracy in ``column``
+    (over every seed it ran), or None if there is none."""
+    accuracy = defaultdict(list)
+    for r in results:
+        if r["column"] == column and not r["method"].startswith("ddome"):
+            accuracy[r["method"]].append(r["zero-shot-acc"])
+    return max(accuracy, key=lambda m: np.mean(accuracy[m]), default=None)
+
+
 def versus_best_table(results: list[dict], columns: list[str]) -> str:
     """DDOME's rows against the best other method of each column (difference in points),
     and their bytes per round as a share of FedMix's: what issue 10's bar is read against."""
@@ -197,7 +208,7 @@ def versus_best_table(results: list[dict], columns: list[str]) -> str:
     others = [m for m in present if not m.startswith("ddome")]
     if not others or "fedmix" not in present:
         return ""
-    best = {c: max(others, key=lambda m: mean(m, c, "zero-shot-acc") or -1.0) for c in columns}
+    best = {c: best_other_method(results, c) for c in columns}
     fedmix_mb = [mean("fedmix", c, "bytes-per-round") for c in columns]
     lines = ["| | " + " | ".join(columns) + " | MB per round, % of FedMix's |", "|---" * (len(columns) + 2) + "|"]
     cells = [f"{NAMES[best[c]]} {100 * mean(best[c], c, 'zero-shot-acc'):.2f}" for c in columns]
@@ -231,10 +242,9 @@ def paired_table(results: list[dict], columns: list[str], method: str = "ddome")
         for r in results:
             if r["column"] == column:
                 accuracy[r["method"]][r["seed"]] = 100 * r["zero-shot-acc"]
-        others = [m for m in accuracy if not m.startswith("ddome")]
-        if method not in accuracy or not others:
+        best = best_other_method(results, column)
+        if method not in accuracy or best is None:
             continue
-        best = max(others, key=lambda m: np.mean(list(accuracy[m].values())))
         seeds = sorted(set(accuracy[method]) & set(accuracy[best]))
         ours = np.array([accuracy[method][s] for s in seeds])
         theirs = np.array([accuracy[best][s] for s in seeds])
