@@ -16,7 +16,8 @@ method, on the means and seed by seed; the learning-rate choice) and ``results.j
 every run's per-seed figures and curves and the settings chosen (``--settings-from`` of a
 later run reads them).
 ``--versus-best A/results.json B/results.json`` pools finished runs (the same settings on
-other seeds) into the seed-by-seed table.
+other seeds; a later file's run of a method, setting and seed replaces an earlier one's)
+into the seed-by-seed table.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         help="only print DDOME against the best other method for finished runs' results.json, pooled (e.g. the "
-        "matrix and a run of the same settings on more seeds), with the per-seed differences",
+        "matrix and a run of the same settings on more seeds; a later file's run of a method, setting and seed "
+        "replaces an earlier one's), with the per-seed differences",
     )
     parser.add_argument("--out", default="")
     return parser.parse_args(argv)
@@ -270,11 +272,21 @@ def per_seed_table(results: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_results(paths: list[str]) -> list[dict]:
+    """The runs of several results.json files; a later file's run of a method, setting and
+    seed replaces an earlier file's (a method re-run on those seeds after its default moved)."""
+    runs = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            runs[(r["method"], r["column"], r["seed"])] = r
+    return list(runs.values())
+
+
 def main(argv=None) -> Path:
     """Run the matrix; write matrix.md and results.json."""
     args = parse_args(argv)
     if args.versus_best:
-        results = [r for path in args.versus_best for r in json.loads(Path(path).read_text())["results"]]
+        results = pooled_results(args.versus_best)
         columns = list(dict.fromkeys(r["column"] for r in results))
         # Pooled runs hold other seeds for some rows: only the seed-by-seed table compares like with like.
         versus = versus_best_table(results, columns) + "\n" if len(args.versus_best) == 1 else ""

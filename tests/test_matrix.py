@@ -180,3 +180,8 @@ def test_the_paired_table_takes_differences_within_each_seed_and_pools_runs(tmp_
     pooled = next(line for line in printed.splitlines() if line.startswith("| c |")).split("|")
     assert pooled[3].strip() == "3" and pooled[7].strip() == "2 of 3"
     assert "MB per round" not in printed  # pooled rows hold other seeds: no unpaired table
+    # A later file's DDOME run of seed 1 (re-run after its default moved) replaces the first's.
+    (tmp_path / "c.json").write_text(json.dumps({"results": [run("ddome", 1, 85)]}))
+    matrix.main(["--versus-best", *(str(tmp_path / f) for f in ("a.json", "b.json", "c.json"))])
+    rerun = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| c |")).split("|")
+    assert rerun[3].strip() == "3" and rerun[6].strip().startswith("+15.00") and rerun[7].strip() == "3 of 3"
