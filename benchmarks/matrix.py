@@ -17,7 +17,9 @@ every run's per-seed figures and curves and the settings chosen (``--settings-fr
 later run reads them).
 ``--versus-best A/results.json B/results.json`` pools finished runs (the same settings on
 other seeds; a later file's run of a method, setting and seed replaces an earlier one's)
-into the seed-by-seed table.
+into the seed-by-seed table. ``--methods ddome --reuse A/results.json`` runs DDOME again
+and takes every other row from a finished run of the same seeds and rounds (their code
+unchanged), saying so in matrix.md.
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="only print DDOME against the best other method for finished runs' results.json, pooled (e.g. the "
         "matrix and a run of the same settings on more seeds; a later file's run of a method, setting and seed "
         "replaces an earlier one's), with the per-seed differences",
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="RESULTS",
+        default="",
+        help="results.json of a finished run of this command at the same seeds and rounds: every method it ran "
+        "that is not in --methods keeps its runs from it (a method whose code did not change since), and only "
+        "--methods run again",
     )
     parser.add_argument("--out", default="")
     return parser.parse_args(argv)
@@ -282,6 +292,29 @@ def pooled_results(paths: list[str]) -> list[dict]:
     return list(runs.values())
 
 
+def reused_runs(path: str, methods: list[str], columns: list[str], seeds: list[int], rounds: int) -> dict:
+    """The runs of ``path`` (a finished matrix) of every method not in ``methods``, on
+    ``columns`` and ``seeds``; each must have run ``rounds`` rounds, and each such method
+    every column and seed, or the reuse is refused."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--reuse {path}: no such results.json.")
+    run = json.loads(Path(path).read_text())
+    kept = [r for r in run["results"] if r["method"] not in methods and r["column"] in columns and r["seed"] in seeds]
+    for r in kept:
+        if r["history"][-1]["round"] != rounds:
+            raise SystemExit(f"--reuse {path}: its {r['method']} ran {r['history'][-1]['round']} rounds, not {rounds}.")
+    for method in dict.fromkeys(r["method"] for r in kept):
+        missing = {(c, s) for c in columns for s in seeds} - {
+            (r["column"], r["seed"]) for r in kept if r["method"] == method
+        }
+        if missing:
+            column, seed = sorted(missing)[0]
+            raise SystemExit(f"--reuse {path}: its {method} has no run of {column!r}, seed {seed}.")
+    reused = set(r["method"] for r in kept)
+    chosen = [c for c in run["chosen"] if c["method"] in reused]
+    return {"command": run["command"], "results": kept, "chosen": chosen}
+
+
 def main(argv=None) -> Path:
     """Run the matrix; write matrix.md and results.json."""
     args = parse_args(argv)
@@ -299,6 +332,7 @@ def main(argv=None) -> Path:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = chosen_settings(args.settings_from)
+    reuse = reused_runs(args.reuse, methods, columns, seeds, args.rounds) if args.reuse else None
     out = Path(args.out or f"outputs/matrix-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     column_args = {}
@@ -336,6 +370,12 @@ def main(argv=None) -> Path:
             + tuning_table(tuning, chosen, columns)
         )
     results = run_matrix({m: [setting_of(m, chosen)] for m in methods}, "test")
+    reuse_text = ""
+    if reuse:
+        order = {m: i for i, m in enumerate(METHODS)}
+        results = sorted(results + reuse["results"], key=lambda r: order.get(r["method"], len(order)))
+        names = ", ".join(NAMES[m] for m in dict.fromkeys(r["method"] for r in reuse["results"]))
+        reuse_text = f"The rows of {names} are the runs of `{reuse['command']}` (`--reuse {args.reuse}`).\n\n"
     versus = versus_best_table(results, columns)
     versus_text = versus and (
         "\nDDOME against the best other method of each column (baselines and the common expert alone; "
@@ -348,7 +388,8 @@ def main(argv=None) -> Path:
     minutes = (time.perf_counter() - started) / 60
     text = (
         f"Command: `{command}` ({minutes:.1f} min, {args.jobs} parallel runs)\n\n"
-        f"Zero-shot accuracy on unseen clients (%), mean of the last 5 evaluations, mean ± spread over "
+        + reuse_text
+        + f"Zero-shot accuracy on unseen clients (%), mean of the last 5 evaluations, mean ± spread over "
         f"seeds {args.seeds}, {args.rounds} rounds:\n\n"
         + matrix_table(results, columns)
         + "\nDDOME under each zero-shot prediction rule (the same runs):\n\n"
@@ -363,6 +404,7 @@ def main(argv=None) -> Path:
     )
     (out / "matrix.md").write_text(text)
     picked = [{"method": m, "kind": "best", "setting": chosen[m]} for m in methods if m in chosen]
+    picked += reuse["chosen"] if reuse else []
     run = {"command": command, "chosen": picked, "results": results, "tuning": tuning}
     (out / "results.json").write_text(json.dumps(run, indent=2))
     print(text)

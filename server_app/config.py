@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "top-k-min": 1,
     "dispatch-mass": 0.6,
     "generalist": True,
-    "generalist-width": 0.5,
+    "generalist-width": 0.7,
     "generalist-proximal-mu": 1.0,
     "generalist-lr-scale": 1.0,
     "zero-shot-rule": "blend",

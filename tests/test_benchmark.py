@@ -154,17 +154,18 @@ def test_a_generalist_run_sends_and_trains_the_generalist_in_every_training_mess
     assert len(sent_experts) == 3 * (cfg["anchors-per-round"] + cfg["normal-per-round"])
     # Anchors: their own expert and the generalist; normal clients: top-K of 0..M-1 and it.
     assert all(e[-1] == m and len(e) in (2, k + 1) and max(e[:-1]) < m for e in sent_experts)
-    # The generalist has generalist-width (0.5 by default) of an expert's hidden units,
+    # The generalist has generalist-width (0.7 by default) of an expert's hidden units,
     # and about that share of its bytes.
-    hidden = generalist_hidden(cfg["mlp-hidden"], cfg["generalist-width"])
-    assert hidden == cfg["mlp-hidden"] // 2
+    width = cfg["generalist-width"]
+    hidden = generalist_hidden(cfg["mlp-hidden"], width)
+    assert hidden == round(cfg["mlp-hidden"] * 0.7)
     for arrays in sent:
         assert arrays[f"{expert_prefix(m)}head.weight"].shape == (dataset.num_classes, hidden)
         specialist = next(e for e in experts_in(arrays) if e != m)
         share = (
             select(arrays, [expert_prefix(m)]).count_bytes() / select(arrays, [expert_prefix(specialist)]).count_bytes()
         )
-        assert 0.45 < share < 0.55
+        assert width - 0.05 < share < width + 0.05
     assert result["bytes-per-round"] == pytest.approx(recording.bytes / cfg["num-server-rounds"], rel=1e-9)
     assert result["zero-shot-acc"] > 0.3
 

@@ -90,10 +90,7 @@ def test_the_published_matrix_ran_the_current_default():
     from server_app.config import DEFAULTS, load_preset
 
     results = json.loads(open("docs/img/matrix/results.json", encoding="utf-8").read())["results"]
-    # An option added after the published run counts at the value that runs the code
-    # before it (generalist-lr-scale 1: every expert at lr); its default moving still fails.
-    predated = {"generalist-lr-scale": 1.0}
-    options = {r["method"]: {**predated, **r["ddome-options"]} for r in results if r["method"].startswith("ddome")}
+    options = {r["method"]: r["ddome-options"] for r in results if r["method"].startswith("ddome")}
     assert options["ddome"] == {k: DEFAULTS[k] for k in DDOME_OPTIONS}
     for variant, preset in VARIANT_PRESETS.items():
         expected = {**{k: DEFAULTS[k] for k in DDOME_OPTIONS}, **load_preset(preset)}
@@ -185,3 +182,36 @@ def test_the_paired_table_takes_differences_within_each_seed_and_pools_runs(tmp_
     matrix.main(["--versus-best", *(str(tmp_path / f) for f in ("a.json", "b.json", "c.json"))])
     rerun = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| c |")).split("|")
     assert rerun[3].strip() == "3" and rerun[6].strip().startswith("+15.00") and rerun[7].strip() == "3 of 3"
+
+
+def test_reuse_runs_only_the_named_methods_and_takes_the_others_rows_from_a_finished_run(tmp_path):
+    first = tiny_matrix(tmp_path, "digits grouped", "ddome,fedavg,common-expert")
+    old = json.loads((first / "results.json").read_text())
+    again = matrix.main(
+        ["--settings", "digits grouped", "--methods", "ddome", "--seeds", "0", "--rounds", "2"]
+        + ["--out", str(tmp_path / "again"), "--reuse", str(first / "results.json")]
+        + ["--run-config", f"cache-dir={tmp_path / 'cache'}", "generalist-width=1.0"]
+    )
+    run = json.loads((again / "results.json").read_text())
+    assert [r["method"] for r in run["results"]] == ["ddome", "fedavg", "common-expert"]
+    for method in ("fedavg", "common-expert"):
+        assert next(r for r in run["results"] if r["method"] == method) == next(
+            r for r in old["results"] if r["method"] == method
+        )
+    # DDOME ran again, with the new option: its generalist is as wide as the experts now.
+    assert next(r for r in run["results"] if r["method"] == "ddome")["ddome-options"]["generalist-width"] == 1.0
+    table = (again / "matrix.md").read_text()
+    assert f"The rows of FedAvg, Common expert alone are the runs of `{old['command']}`" in table
+    rows = [line.split("|")[1].strip() for line in table.split("Control:")[0].splitlines() if line.startswith("| ")]
+    assert rows[1:4] == ["DDOME", "FedAvg", "Common expert alone"]
+    # A finished run of another budget, or one that lacks a seed, is refused with the reason.
+    with pytest.raises(SystemExit, match="ran 2 rounds, not 3"):
+        matrix.main(
+            ["--settings", "digits grouped", "--methods", "ddome", "--seeds", "0", "--rounds", "3"]
+            + ["--reuse", str(first / "results.json")]
+        )
+    with pytest.raises(SystemExit, match="has no run of 'digits grouped', seed 1"):
+        matrix.main(
+            ["--settings", "digits grouped", "--methods", "ddome", "--seeds", "0,1", "--rounds", "2"]
+            + ["--reuse", str(first / "results.json")]
+        )
