@@ -374,7 +374,7 @@ def main(argv=None) -> Path:
     if reuse:
         order = {m: i for i, m in enumerate(METHODS)}
         results = sorted(results + reuse["results"], key=lambda r: order.get(r["method"], len(order)))
-        names = ", ".join(NAMES[m] for m in dict.fromkeys(r["method"] for r in reuse["results"]))
+        names = "; ".join(NAMES[m] for m in dict.fromkeys(r["method"] for r in reuse["results"]))
         reuse_text = f"The rows of {names} are the runs of `{reuse['command']}` (`--reuse {args.reuse}`).\n\n"
     versus = versus_best_table(results, columns)
     versus_text = versus and (

@@ -201,7 +201,7 @@ def test_reuse_runs_only_the_named_methods_and_takes_the_others_rows_from_a_fini
     # DDOME ran again, with the new option: its generalist is as wide as the experts now.
     assert next(r for r in run["results"] if r["method"] == "ddome")["ddome-options"]["generalist-width"] == 1.0
     table = (again / "matrix.md").read_text()
-    assert f"The rows of FedAvg, Common expert alone are the runs of `{old['command']}`" in table
+    assert f"The rows of FedAvg; Common expert alone are the runs of `{old['command']}`" in table
     rows = [line.split("|")[1].strip() for line in table.split("Control:")[0].splitlines() if line.startswith("| ")]
     assert rows[1:4] == ["DDOME", "FedAvg", "Common expert alone"]
     # A finished run of another budget, or one that lacks a seed, is refused with the reason.
