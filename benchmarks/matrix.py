@@ -312,7 +312,9 @@ def reused_runs(path: str, methods: list[str], columns: list[str], seeds: list[i
             raise SystemExit(f"--reuse {path}: its {method} has no run of {column!r}, seed {seed}.")
     reused = set(r["method"] for r in kept)
     chosen = [c for c in run["chosen"] if c["method"] in reused]
-    return {"command": run["command"], "results": kept, "chosen": chosen}
+    # Their learning-rate choice too, so a re-run with --tune-lr shows every method's.
+    tuning = [r for r in run.get("tuning", []) if r["method"] in reused and r["column"] in columns and r["seed"] in seeds]
+    return {"command": run["command"], "results": kept, "chosen": chosen, "tuning": tuning}
 
 
 def main(argv=None) -> Path:
@@ -363,6 +365,9 @@ def main(argv=None) -> Path:
         tuned = [m for m in methods if m not in UNTUNED and m not in VARIANT_PRESETS]
         tuning = run_matrix({m: lr_candidates(m, chosen, lrs) for m in tuned}, "validation")
         chosen = {**chosen, **best_settings(tuning, tuned)}
+        if reuse:
+            tuning += reuse["tuning"]
+            chosen = {**chosen, **{c["method"]: c["setting"] for c in reuse["chosen"]}}
         tuning_text = (
             "\nChoosing the learning rate: validation accuracy (%) of every tuned method at each, mean of the "
             f"last 5 evaluations over seeds {args.seeds} (the validation split, never the test split), per column "

@@ -152,6 +152,19 @@ def test_tune_lr_chooses_each_methods_rate_on_the_validation_mean_over_columns(t
     assert matrix.chosen_settings(str(out / "results.json"))["fedavg"]["lr"] in (0.01, 0.1)
     table = (out / "matrix.md").read_text()
     assert "Choosing the learning rate" in table and table.count("**") >= 4
+    # DDOME tuned again beside the reused rows: FedAvg's validation runs and choice are kept.
+    again = matrix.main(
+        ["--settings", "digits grouped", "--methods", "ddome", "--seeds", "0", "--rounds", "2", "--tune-lr", "0.01,0.1"]
+        + ["--out", str(tmp_path / "again"), "--reuse", str(out / "results.json")]
+        + ["--run-config", f"cache-dir={tmp_path / 'cache'}"]
+    )
+    rerun = json.loads((again / "results.json").read_text())
+    assert [r for r in rerun["tuning"] if r["method"] == "fedavg"] == [r for r in tuning if r["method"] == "fedavg"]
+    assert {r["method"] for r in rerun["tuning"]} == {"ddome", "fedavg"}
+    fedavg_choice = next(c for c in run["chosen"] if c["method"] == "fedavg")
+    assert next(c for c in rerun["chosen"] if c["method"] == "fedavg") == fedavg_choice
+    lr = fedavg_choice["setting"]["lr"]
+    assert f"| FedAvg | **{lr:g}** |" in (again / "matrix.md").read_text()
 
 
 def test_the_paired_table_takes_differences_within_each_seed_and_pools_runs(tmp_path, capsys):
