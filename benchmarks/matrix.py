@@ -313,7 +313,9 @@ def reused_runs(path: str, methods: list[str], columns: list[str], seeds: list[i
     reused = set(r["method"] for r in kept)
     chosen = [c for c in run["chosen"] if c["method"] in reused]
     # Their learning-rate choice too, so a re-run with --tune-lr shows every method's.
-    tuning = [r for r in run.get("tuning", []) if r["method"] in reused and r["column"] in columns and r["seed"] in seeds]
+    tuning = [
+        r for r in run.get("tuning", []) if r["method"] in reused and r["column"] in columns and r["seed"] in seeds
+    ]
     return {"command": run["command"], "results": kept, "chosen": chosen, "tuning": tuning}
 
 
