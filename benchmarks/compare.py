@@ -83,6 +83,7 @@ DDOME_OPTIONS = (
     "generalist-width",
     "generalist-proximal-mu",
     "generalist-lr-scale",
+    "anchor-gate-loss",
 )
 ENGINES = ("inprocess", "simulation")
 

@@ -46,6 +46,7 @@ from .arrays import GATE_PREFIX, expert_prefix, load_part, pack_part
 from .models import pick_device
 from .moe import (
     ZERO_SHOT_RULES,
+    anchor_generalist_loss,
     anchor_loss,
     blend_predictions,
     confident_predictions,
@@ -67,6 +68,7 @@ TRAINING_DEFAULTS = {
     "local-epochs": 1,
     "generalist-proximal-mu": 1.0,
     "generalist-lr-scale": 1.0,  # the generalist's learning rate, as a multiple of ``lr``
+    "anchor-gate-loss": "weigh-generalist",
     "zero-shot-rule": "blend",
     "seed": 0,
 }
@@ -203,9 +205,15 @@ def train_local(
                 # The one-hot gate loss is over the anchor-owned experts 0..M-1: an anchor says
                 # which specialist owns its data, not that the generalist (expert M) is no help.
                 owned_logits = gate_logits if generalist is None else gate_logits[:, :generalist]
-                loss = anchor_loss(experts[anchor_expert](xb), owned_logits, yb, anchor_expert)
+                own_logits = experts[anchor_expert](xb)
+                loss = anchor_loss(own_logits, owned_logits, yb, anchor_expert)
                 if generalist is not None:
-                    loss = loss + F.cross_entropy(experts[generalist](xb), yb)
+                    generalist_logits = experts[generalist](xb)
+                    loss = loss + F.cross_entropy(generalist_logits, yb)
+                    if cfg["anchor-gate-loss"] == "weigh-generalist":
+                        loss = loss + anchor_generalist_loss(
+                            gate_logits, own_logits, generalist_logits, yb, anchor_expert, generalist
+                        )
             else:
                 expert_logits = torch.stack([experts[e](xb) for e in selected], dim=1)
                 loss = mixture_loss(gate_logits[:, selected], expert_logits, yb)

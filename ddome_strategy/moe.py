@@ -14,6 +14,11 @@ import torch.nn.functional as F
 # weight (``blend_predictions``).
 ZERO_SHOT_RULES = ("top1", "mixture", "fallback", "confident", "blend")
 
+# What an anchor's loss teaches the gate: which specialist owns its data (``one-hot``, the
+# spec's), and also how far to trust the generalist against that specialist
+# (``weigh-generalist``: ``anchor_generalist_loss``).
+ANCHOR_GATE_LOSSES = ("one-hot", "weigh-generalist")
+
 # The common expert's share of the ``blend`` rule: the best mean over the matrix's five
 # columns on the validation split among 1/4, 1/3, 0.4, 0.45 and 1/2 (more helps Dirichlet
 # 0.1 and costs the grouped partition; docs/img/exploration).
@@ -60,6 +65,27 @@ def anchor_loss(
     """
     target = torch.full_like(labels, expert_index)
     return F.cross_entropy(expert_logits, labels) + F.cross_entropy(gate_logits, target)
+
+
+def anchor_generalist_loss(
+    gate_logits: torch.Tensor,
+    own_logits: torch.Tensor,
+    generalist_logits: torch.Tensor,
+    labels: torch.Tensor,
+    expert_index: int,
+    generalist: int,
+) -> torch.Tensor:
+    """An anchor's lesson on the generalist: the mixture loss of its own expert and the
+    generalist, with both held fixed, so that it trains the gate only.
+
+    The one-hot anchor loss says which specialist owns the anchor's data and says nothing
+    of the generalist; this term tells the gate how far to trust the generalist against
+    that specialist on such data. Where the specialist fits its group better (labels in
+    groups) the gate learns to send little to the generalist; where it does not (an
+    anchor holding a mix of labels) the generalist keeps its share.
+    """
+    pair = torch.stack([own_logits, generalist_logits], dim=1).detach()
+    return mixture_loss(gate_logits[:, [expert_index, generalist]], pair, labels)
 
 
 def zero_shot_predictions(

@@ -16,7 +16,7 @@ import yaml
 
 from data import DATASETS, DIRICHLET_ANCHORS, EVALUATION_SPLITS, PARTITION_MODES
 from ddome_strategy.models import ARCHITECTURES
-from ddome_strategy.moe import ZERO_SHOT_RULES
+from ddome_strategy.moe import ANCHOR_GATE_LOSSES, ZERO_SHOT_RULES
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "generalist-width": 0.7,
     "generalist-proximal-mu": 1.0,
     "generalist-lr-scale": 1.0,
+    "anchor-gate-loss": "weigh-generalist",
     "zero-shot-rule": "blend",
     "num-train-clients": 20,
     "num-test-clients": 5,
@@ -152,6 +153,7 @@ def validate(cfg: dict[str, Any]) -> None:
         "evaluation-split": EVALUATION_SPLITS,
         "zero-shot-rule": ZERO_SHOT_RULES,
         "dirichlet-anchors": DIRICHLET_ANCHORS,
+        "anchor-gate-loss": ANCHOR_GATE_LOSSES,
     }
     for key, valid in choices.items():
         if cfg[key] not in valid:
@@ -269,6 +271,7 @@ def client_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "generalist-width",
         "generalist-proximal-mu",
         "generalist-lr-scale",
+        "anchor-gate-loss",
         "arch",
         "mlp-hidden",
         "gate-hidden",
