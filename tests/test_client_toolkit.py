@@ -194,24 +194,27 @@ def test_every_client_trains_the_generalist_on_its_own_loss(anchor):
     assert torch.equal(without[2].weight, before[2]) == (anchor == 0)
 
 
-def test_an_anchor_tells_the_gate_its_specialist_and_leaves_the_generalist_weight_to_normal_clients():
-    # The one-hot gate loss of an anchor of expert 0 is over experts 0..M-1: the gate's
-    # generalist output (row 2) keeps its weights; a normal client's mixture loss moves it.
+@pytest.mark.parametrize("anchor_gate_loss", ["one-hot", "weigh-generalist"])
+def test_an_anchor_tells_the_gate_its_specialist_and_weighs_the_generalist_only_if_asked(anchor_gate_loss):
+    # The one-hot gate loss of an anchor of expert 0 is over experts 0..M-1: alone, it leaves
+    # the gate's generalist output (row 2) to the normal clients' mixture loss, which moves it;
+    # with weigh-generalist the anchor moves that row too.
     torch.manual_seed(0)
     x, y, e = torch.randn(64, 6), torch.randint(0, 3, (64,)), torch.randn(64, 4)
-    cfg = {**toolkit.TRAINING_DEFAULTS, "local-epochs": 1}
+    cfg = {**toolkit.TRAINING_DEFAULTS, "local-epochs": 1, "anchor-gate-loss": anchor_gate_loss}
     for anchor, sent in ((0, [0, 2]), (None, [1, 2])):
         gate = nn.Linear(4, 3)
         before = gate.weight.detach().clone()
         toolkit.train_local(cfg, gate, {k: nn.Linear(6, 3) for k in sent}, x, e, y, anchor, seed=0, generalist=2)
-        assert torch.equal(gate.weight[2], before[2]) == (anchor == 0)
+        anchor_leaves_it = anchor == 0 and anchor_gate_loss == "one-hot"
+        assert torch.equal(gate.weight[2], before[2]) == anchor_leaves_it
         assert not torch.equal(gate.weight[sent[0]], before[sent[0]])  # its specialist's row moves
 
 
 def test_the_proximal_term_holds_the_generalist_near_its_sent_weights_and_nothing_else():
     # An anchor of expert 0 sent the generalist 2: with generalist-proximal-mu its
     # generalist ends nearer the weights it was sent than without, while its specialist
-    # and the gate (whose losses do not involve the generalist) train exactly as without.
+    # and the gate (whose one-hot loss does not involve the generalist) train exactly as without.
     torch.manual_seed(0)
     x, y, e = torch.randn(64, 6), torch.randint(0, 3, (64,)), torch.randn(64, 4)
     gate0, experts0 = nn.Linear(4, 3), {0: nn.Linear(6, 3), 2: nn.Linear(6, 3)}
@@ -219,7 +222,12 @@ def test_the_proximal_term_holds_the_generalist_near_its_sent_weights_and_nothin
     trained = {}
     for mu in (0.0, 20.0):
         gate, experts = copy.deepcopy(gate0), copy.deepcopy(experts0)
-        cfg = {**toolkit.TRAINING_DEFAULTS, "batch-size": 4, "generalist-proximal-mu": mu}
+        cfg = {
+            **toolkit.TRAINING_DEFAULTS,
+            "batch-size": 4,
+            "generalist-proximal-mu": mu,
+            "anchor-gate-loss": "one-hot",
+        }
         toolkit.train_local(cfg, gate, experts, x, e, y, 0, seed=0, generalist=2)
         trained[mu] = (gate, experts, proximal_term(experts[2], sent).item())
     assert 0 < trained[20.0][2] < trained[0.0][2] / 2

@@ -47,6 +47,7 @@ def test_preset_applies_and_explicit_override_wins(tmp_path):
         ({"generalist-width": 1.5}, "generalist-width"),
         ({"generalist-proximal-mu": -0.1}, "generalist-proximal-mu"),
         ({"generalist-lr-scale": 0.0}, "generalist-lr-scale"),
+        ({"anchor-gate-loss": "two-hot"}, "anchor-gate-loss"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ddome_strategy.dispatch import top_k_experts
 from ddome_strategy.moe import (
+    anchor_generalist_loss,
     anchor_loss,
     mixture_log_probs,
     mixture_loss,
@@ -46,6 +47,22 @@ def test_anchor_loss_gradient_pulls_gate_towards_its_expert():
     gate_logits = torch.zeros(1, 3, requires_grad=True)
     anchor_loss(torch.zeros(1, 2), gate_logits, torch.tensor([0]), 1).backward()
     assert gate_logits.grad[0, 1] < 0 < gate_logits.grad[0, 0]
+
+
+@pytest.mark.parametrize("better", ["specialist", "generalist"])
+def test_anchor_generalist_loss_moves_the_gate_towards_whichever_fits_the_anchors_data(better):
+    # Anchor of expert 1, generalist 3: the one that predicts the labels takes gate mass
+    # from the other; no other gate output and neither expert is trained by this term.
+    labels = torch.tensor([0, 1, 0])
+    right, wrong = 5 * F.one_hot(labels, 2).float(), 5 * F.one_hot(1 - labels, 2).float()
+    own = (right if better == "specialist" else wrong).requires_grad_()
+    general = (wrong if better == "specialist" else right).requires_grad_()
+    gate_logits = torch.zeros(3, 4, requires_grad=True)
+    anchor_generalist_loss(gate_logits, own, general, labels, 1, 3).backward()
+    winner, loser = (1, 3) if better == "specialist" else (3, 1)
+    assert (gate_logits.grad[:, winner] < 0).all() and (gate_logits.grad[:, loser] > 0).all()
+    assert gate_logits.grad[:, [0, 2]].abs().sum() == 0
+    assert own.grad is None and general.grad is None
 
 
 def test_top_k_picks_highest_scores_in_order():
