@@ -310,13 +310,15 @@ def reused_runs(path: str, methods: list[str], columns: list[str], seeds: list[i
         if missing:
             column, seed = sorted(missing)[0]
             raise SystemExit(f"--reuse {path}: its {method} has no run of {column!r}, seed {seed}.")
-    reused = set(r["method"] for r in kept)
+    reused = list(dict.fromkeys(r["method"] for r in kept))
+    # The command that ran each reused row: a file that itself reused rows names theirs.
+    commands = {m: run.get("commands", {}).get(m, run["command"]) for m in reused}
     chosen = [c for c in run["chosen"] if c["method"] in reused]
     # Their learning-rate choice too, so a re-run with --tune-lr shows every method's.
     tuning = [
         r for r in run.get("tuning", []) if r["method"] in reused and r["column"] in columns and r["seed"] in seeds
     ]
-    return {"command": run["command"], "results": kept, "chosen": chosen, "tuning": tuning}
+    return {"commands": commands, "results": kept, "chosen": chosen, "tuning": tuning}
 
 
 def main(argv=None) -> Path:
@@ -381,8 +383,13 @@ def main(argv=None) -> Path:
     if reuse:
         order = {m: i for i, m in enumerate(METHODS)}
         results = sorted(results + reuse["results"], key=lambda r: order.get(r["method"], len(order)))
-        names = "; ".join(NAMES[m] for m in dict.fromkeys(r["method"] for r in reuse["results"]))
-        reuse_text = f"The rows of {names} are the runs of `{reuse['command']}` (`--reuse {args.reuse}`).\n\n"
+        by_command = defaultdict(list)
+        for method, ran in reuse["commands"].items():
+            by_command[ran].append(NAMES[method])
+        sources = ". ".join(
+            f"The rows of {'; '.join(names)} are the runs of `{ran}`" for ran, names in by_command.items()
+        )
+        reuse_text = f"{sources} (`--reuse {args.reuse}`).\n\n"
     versus = versus_best_table(results, columns)
     versus_text = versus and (
         "\nDDOME against the best other method of each column (baselines and the common expert alone; "
@@ -412,7 +419,8 @@ def main(argv=None) -> Path:
     (out / "matrix.md").write_text(text)
     picked = [{"method": m, "kind": "best", "setting": chosen[m]} for m in methods if m in chosen]
     picked += reuse["chosen"] if reuse else []
-    run = {"command": command, "chosen": picked, "results": results, "tuning": tuning}
+    commands = {m: command for m in methods} | (reuse["commands"] if reuse else {})
+    run = {"command": command, "commands": commands, "chosen": picked, "results": results, "tuning": tuning}
     (out / "results.json").write_text(json.dumps(run, indent=2))
     print(text)
     return out

@@ -217,6 +217,18 @@ def test_reuse_runs_only_the_named_methods_and_takes_the_others_rows_from_a_fini
     assert f"The rows of FedAvg; Common expert alone are the runs of `{old['command']}`" in table
     rows = [line.split("|")[1].strip() for line in table.split("Control:")[0].splitlines() if line.startswith("| ")]
     assert rows[1:4] == ["DDOME", "FedAvg", "Common expert alone"]
+    # Reused again by a later DDOME-only run, the rows still name the command that ran them.
+    third = matrix.main(
+        ["--settings", "digits grouped", "--methods", "ddome", "--seeds", "0", "--rounds", "2"]
+        + ["--out", str(tmp_path / "third"), "--reuse", str(again / "results.json")]
+        + ["--run-config", f"cache-dir={tmp_path / 'cache'}"]
+    )
+    assert (
+        f"The rows of FedAvg; Common expert alone are the runs of `{old['command']}`"
+        in (third / "matrix.md").read_text()
+    )
+    commands = json.loads((third / "results.json").read_text())["commands"]
+    assert commands["fedavg"] == old["command"] and f"--reuse {again / 'results.json'}" in commands["ddome"]
     # A finished run of another budget, or one that lacks a seed, is refused with the reason.
     with pytest.raises(SystemExit, match="ran 2 rounds, not 3"):
         matrix.main(
