@@ -92,9 +92,13 @@ def test_the_published_matrix_ran_the_current_default():
     results = json.loads(open("docs/img/matrix/results.json", encoding="utf-8").read())["results"]
     options = {r["method"]: r["ddome-options"] for r in results if r["method"].startswith("ddome")}
     assert options["ddome"] == {k: DEFAULTS[k] for k in DDOME_OPTIONS}
+    # A variant without the generalist is not made stale by an option of the generalist's
+    # (its reused row may predate that option): those are compared only where it has one.
+    generalist_only = {"generalist-width", "generalist-proximal-mu", "generalist-lr-scale", "anchor-gate-loss"}
     for variant, preset in VARIANT_PRESETS.items():
         expected = {**{k: DEFAULTS[k] for k in DDOME_OPTIONS}, **load_preset(preset)}
-        assert options[variant] == {k: expected[k] for k in DDOME_OPTIONS}, variant
+        keys = [k for k in DDOME_OPTIONS if expected["generalist"] or k not in generalist_only]
+        assert {k: options[variant].get(k) for k in keys} == {k: expected[k] for k in keys}, variant
 
 
 def test_a_ddome_variant_trains_at_ddomes_chosen_setting_unless_tuned_itself():
