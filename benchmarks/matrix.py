@@ -299,25 +299,27 @@ def reused_runs(path: str, methods: list[str], columns: list[str], seeds: list[i
     if not Path(path).is_file():
         raise SystemExit(f"--reuse {path}: no such results.json.")
     run = json.loads(Path(path).read_text())
-    kept = [r for r in run["results"] if r["method"] not in methods and r["column"] in columns and r["seed"] in seeds]
+
+    def wanted(r: dict) -> bool:
+        return r["method"] not in methods and r["column"] in columns and r["seed"] in seeds
+
+    kept = [r for r in run["results"] if wanted(r)]
     for r in kept:
         if r["history"][-1]["round"] != rounds:
             raise SystemExit(f"--reuse {path}: its {r['method']} ran {r['history'][-1]['round']} rounds, not {rounds}.")
-    for method in dict.fromkeys(r["method"] for r in kept):
+    reused = list(dict.fromkeys(r["method"] for r in kept))
+    for method in reused:
         missing = {(c, s) for c in columns for s in seeds} - {
             (r["column"], r["seed"]) for r in kept if r["method"] == method
         }
         if missing:
             column, seed = sorted(missing)[0]
             raise SystemExit(f"--reuse {path}: its {method} has no run of {column!r}, seed {seed}.")
-    reused = list(dict.fromkeys(r["method"] for r in kept))
     # The command that ran each reused row: a file that itself reused rows names theirs.
     commands = {m: run.get("commands", {}).get(m, run["command"]) for m in reused}
     chosen = [c for c in run["chosen"] if c["method"] in reused]
     # Their learning-rate choice too, so a re-run with --tune-lr shows every method's.
-    tuning = [
-        r for r in run.get("tuning", []) if r["method"] in reused and r["column"] in columns and r["seed"] in seeds
-    ]
+    tuning = [r for r in run.get("tuning", []) if wanted(r)]
     return {"commands": commands, "results": kept, "chosen": chosen, "tuning": tuning}
 
 
